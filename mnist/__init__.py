@@ -1,0 +1,1 @@
+"""MNIST CNN trained with PyTorch Lightning, swept with Optuna, tracked in MLflow."""

@@ -1,0 +1,111 @@
+"""Typed schema of the app config (values live in conf/), and checks Hydra cannot express."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mnist.errors import UserFacingError
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING  # folder holding MNIST/raw/ (torchvision's layout); relative to the cwd
+    batch_size: int = MISSING  # training batch size
+    val_size: int = MISSING  # images held out of the training set for validation (seeded)
+    download: bool = True  # try torchvision's download when the files are missing
+
+
+@dataclass
+class ModelConfig:
+    dropout: float = MISSING  # dropout before the last layer, in [0, 1)
+    lr: float = MISSING  # Adam learning rate, > 0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = MISSING
+    accelerator: str = "auto"  # cpu, gpu, mps or auto
+    devices: Any = 1  # one device per trial: trials are the unit of parallelism
+    limit_train_batches: Any = 1.0  # a fraction or a count of batches per epoch (quick runs)
+    deterministic: bool = False  # torch deterministic algorithms (slower on GPU)
+    verbose: Any = (
+        None  # Lightning's banners and progress bars: null = on for a run, off in a sweep
+    )
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: str = MISSING  # sqlite:///mlflow.db, http://host:5000, ...
+    experiment_name: str = MISSING
+    registered_model_name: str = "mnist-cnn"
+
+
+@dataclass
+class TrialConfig:
+    # set by the sweeper for each job; empty for a single run without -m
+    number: int | None = None
+    id: int | None = None
+    parent_run_id: str | None = None
+
+
+@dataclass
+class AppConfig:
+    seed: int = MISSING
+    metric: str = MISSING  # the validation metric the study optimises: val_acc or val_loss
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
+
+
+METRICS = {"val_acc": "maximize", "val_loss": "minimize"}
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="app_schema", node=AppConfig)
+
+
+class ConfigValueError(UserFacingError, ValueError):
+    """A config value that is well typed but cannot train."""
+
+
+def check_config(cfg: DictConfig | AppConfig) -> None:
+    """Raise ConfigValueError for values that are well typed but cannot train."""
+    problems = []
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        problems.append(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    if not cfg.model.lr > 0:
+        problems.append(f"model.lr={cfg.model.lr} must be > 0")
+    if cfg.data.batch_size < 1:
+        problems.append(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    if cfg.data.val_size < 1:
+        problems.append(f"data.val_size={cfg.data.val_size} must be >= 1")
+    if cfg.trainer.max_epochs < 1:
+        problems.append(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+    if cfg.metric not in METRICS:
+        problems.append(f"metric={cfg.metric!r} must be one of {', '.join(METRICS)}")
+    if problems:
+        raise ConfigValueError("; ".join(problems))
+
+
+def flatten(cfg: DictConfig, skip: tuple[str, ...] = ("trial",)) -> dict[str, Any]:
+    """The resolved config as dotted keys, e.g. {'model.lr': 0.001}."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key, value in container.items():
+        if key not in skip:
+            walk(value, f"{key}.")
+    return out

@@ -1,0 +1,79 @@
+"""The project's CNN (the MLflow autolog example's architecture) as a LightningModule."""
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss: the trial diverged."""
+
+
+class MNISTClassifier(pl.LightningModule):
+    def __init__(self, dropout: float = 0.1, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 28 -> 14
+            nn.Conv2d(32, 64, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 14 -> 7
+            nn.Conv2d(64, 128, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2, padding=1),  # 7 -> 4
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 128, 625),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(625, 10),
+        )
+        # one metric object per stage: a shared one would mix train and val counts
+        self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("loss", loss, on_step=False, on_epoch=True)
+        self.log("acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # stop a diverged trial at once instead of training on NaNs for the remaining epochs
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at epoch {self.current_epoch}, "
+                f"step {batch_idx} (lr={self.hparams.lr}): the trial diverged"
+            )
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True)
+        self.log("val_acc", self.val_acc, on_epoch=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.test_acc(logits, y)
+        self.log("test_loss", F.cross_entropy(logits, y), on_epoch=True)
+        self.log("test_acc", self.test_acc, on_epoch=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -1,0 +1,187 @@
+"""One trial: train the CNN with the config's values, log it as an MLflow run, return the metric."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+from mnist import tracking
+from mnist.config import check_config, flatten
+from mnist.data import load_mnist
+from mnist.model import MNISTClassifier, NonFiniteLossError
+from mnist.study import job_trial
+
+log = logging.getLogger(__name__)
+# Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; nothing for users to act on
+warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", module="pytorch_lightning")
+
+
+@dataclass
+class StudyRef:
+    """Where a job finds its study: the sweeper's settings, as Hydra passes them to each job."""
+
+    name: str
+    storage: str | None
+    pruner: Any
+
+
+class EpochLogger(pl.Callback):
+    """Logs acc/loss/val_acc/val_loss once per epoch (step = epoch) to the trial's MLflow run."""
+
+    KEYS = ("acc", "loss", "val_acc", "val_loss")
+
+    def __init__(self, client, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self.epochs_logged = 0
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {
+            k: trainer.callback_metrics[k].item()
+            for k in self.KEYS
+            if k in trainer.callback_metrics
+        }
+        tracking.log_metrics(self.client, self.run_id, metrics, step=trainer.current_epoch)
+        self.epochs_logged += 1
+
+
+class PruningCheck(pl.Callback):
+    """Reports the metric to Optuna after each validation; stops training when told to prune."""
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial, self.metric = trial, metric
+        self.pruned_at_epoch: int | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        value = trainer.callback_metrics[self.metric].item()
+        if not math.isfinite(value):
+            return  # the run fails as diverged; a NaN must not reach the pruner's statistics
+        epoch = trainer.current_epoch
+        self.trial.report(value, step=epoch)
+        if self.trial.should_prune():
+            self.pruned_at_epoch = epoch
+            trainer.should_stop = True  # this epoch still ends, so its metrics are logged
+
+
+def pick_device(accelerator: str) -> torch.device:
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def run(
+    cfg: DictConfig,
+    study: StudyRef | None = None,
+    in_sweep: bool = False,
+    start_dir: str | Path | None = None,
+) -> float:
+    """Train once with cfg, log to MLflow, return cfg.metric of the last epoch.
+
+    In a sweep (cfg.trial set by the sweeper) the run is a child of the sweep's parent run and
+    the metric is reported to the Optuna trial after every epoch, which may prune it.
+    Relative paths (data.root, a sqlite tracking URI) resolve against start_dir (default: cwd).
+    """
+    start_dir = Path(start_dir or Path.cwd())
+    check_config(cfg)
+    verbose = (not in_sweep) if cfg.trainer.verbose is None else bool(cfg.trainer.verbose)
+    if not verbose:
+        # Lightning's banners ("GPU available", "Seed set") are INFO logs: quiet them per sweep
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+        logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    pl.seed_everything(cfg.seed, verbose=verbose)
+    device = pick_device(cfg.trainer.accelerator)
+    data = load_mnist(
+        start_dir / cfg.data.root,
+        batch_size=cfg.data.batch_size,
+        val_size=cfg.data.val_size,
+        seed=cfg.seed,
+        device=device,
+        download=cfg.data.download,
+    )
+    client = tracking.connect(tracking.absolute_uri(cfg.mlflow.tracking_uri, start_dir))
+    experiment = tracking.experiment_id(client, cfg.mlflow.experiment_name)
+
+    trial = None
+    tags = {"sweep.role": tracking.TRIAL_ROLE if cfg.trial.number is not None else "run"}
+    if cfg.trial.number is not None:
+        assert study is not None, "a sweep job needs the study's name and storage"
+        trial = job_trial(study.name, study.storage, study.pruner, cfg.trial.id)
+        tags |= {
+            "optuna.study_name": study.name,
+            "optuna.trial_number": str(cfg.trial.number),
+            "optuna.state": "RUNNING",
+        }
+    name = f"trial-{cfg.trial.number}" if trial is not None else "single-run"
+    run_id = tracking.start_run(
+        client, experiment, name, flatten(cfg), tags, parent_run_id=cfg.trial.parent_run_id
+    )
+    if trial is not None:
+        trial.set_user_attr("mlflow_run_id", run_id)
+
+    logger_cb = EpochLogger(client, run_id)
+    pruning = PruningCheck(trial, cfg.metric) if trial is not None else None
+    started = time.perf_counter()
+    try:
+        model = MNISTClassifier(dropout=cfg.model.dropout, lr=cfg.model.lr)
+        trainer = pl.Trainer(
+            max_epochs=cfg.trainer.max_epochs,
+            accelerator=device.type if device.type != "cuda" else "gpu",
+            devices=cfg.trainer.devices,
+            limit_train_batches=cfg.trainer.limit_train_batches,
+            deterministic=cfg.trainer.deterministic,
+            callbacks=[logger_cb] + ([pruning] if pruning else []),
+            logger=False,  # metrics go to MLflow through EpochLogger, per epoch
+            enable_checkpointing=False,
+            enable_progress_bar=verbose,
+            enable_model_summary=verbose,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(model, train_dataloaders=data.train, val_dataloaders=data.val)
+        value = trainer.callback_metrics[cfg.metric].item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"{cfg.metric} is {value} after training: the trial diverged")
+        seconds = time.perf_counter() - started
+        if pruning is not None and pruning.pruned_at_epoch is not None:
+            tracking.end_run(
+                client,
+                run_id,
+                "KILLED",
+                {"optuna.state": "PRUNED", "pruned_at_epoch": pruning.pruned_at_epoch},
+            )
+            raise optuna.TrialPruned(
+                f"pruned at epoch {pruning.pruned_at_epoch} with {cfg.metric}={value:.4f}"
+            )
+        tracking.log_metrics(client, run_id, {"train_seconds": seconds}, step=0)
+        tracking.end_run(client, run_id, "FINISHED", {"optuna.state": "COMPLETE"} if trial else {})
+        return value
+    except optuna.TrialPruned:
+        raise
+    except Exception as err:
+        tracking.end_run(
+            client,
+            run_id,
+            "FAILED",
+            {"optuna.state": "FAIL", "failure_reason": f"{type(err).__name__}: {err}"},
+        )
+        raise
+    except BaseException as err:  # Ctrl-C (Lightning turns it into SystemExit) or a kill signal
+        tracking.end_run(
+            client,
+            run_id,
+            "KILLED",
+            {"optuna.state": "FAIL", "failure_reason": f"interrupted ({type(err).__name__})"},
+        )
+        raise
