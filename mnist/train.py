@@ -82,6 +82,29 @@ def pick_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
+def quiet_lightning(quiet: bool) -> None:
+    # Lightning's banners ("GPU available", "Seed set", tips) are INFO logs
+    level = logging.WARNING if quiet else logging.INFO
+    for name in ("pytorch_lightning", "lightning.fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(level)
+
+
+def build_trainer(
+    device: torch.device, callbacks: list[pl.Callback], verbose: bool, **options: Any
+) -> pl.Trainer:
+    quiet_lightning(not verbose)
+    return pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else device.type,
+        callbacks=callbacks,
+        logger=False,  # metrics go to MLflow through EpochLogger, once per epoch
+        enable_checkpointing=False,
+        enable_progress_bar=verbose,
+        enable_model_summary=verbose,
+        num_sanity_val_steps=0,  # a sanity pass would report a bogus epoch to the pruner
+        **options,
+    )
+
+
 def run(
     cfg: DictConfig,
     study: StudyRef | None = None,
@@ -97,10 +120,7 @@ def run(
     start_dir = Path(start_dir or Path.cwd())
     check_config(cfg)
     verbose = (not in_sweep) if cfg.trainer.verbose is None else bool(cfg.trainer.verbose)
-    if not verbose:
-        # Lightning's banners ("GPU available", "Seed set") are INFO logs: quiet them per sweep
-        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-        logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    quiet_lightning(not verbose)
     pl.seed_everything(cfg.seed, verbose=verbose)
     device = pick_device(cfg.trainer.accelerator)
     data = load_mnist(
@@ -136,18 +156,14 @@ def run(
     started = time.perf_counter()
     try:
         model = MNISTClassifier(dropout=cfg.model.dropout, lr=cfg.model.lr)
-        trainer = pl.Trainer(
+        trainer = build_trainer(
+            device,
+            callbacks=[logger_cb] + ([pruning] if pruning else []),
+            verbose=verbose,
             max_epochs=cfg.trainer.max_epochs,
-            accelerator=device.type if device.type != "cuda" else "gpu",
             devices=cfg.trainer.devices,
             limit_train_batches=cfg.trainer.limit_train_batches,
             deterministic=cfg.trainer.deterministic,
-            callbacks=[logger_cb] + ([pruning] if pruning else []),
-            logger=False,  # metrics go to MLflow through EpochLogger, per epoch
-            enable_checkpointing=False,
-            enable_progress_bar=verbose,
-            enable_model_summary=verbose,
-            num_sanity_val_steps=0,
         )
         trainer.fit(model, train_dataloaders=data.train, val_dataloaders=data.val)
         value = trainer.callback_metrics[cfg.metric].item()

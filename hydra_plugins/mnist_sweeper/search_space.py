@@ -41,7 +41,6 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 def distribution(override: Override) -> BaseDistribution:
-    key = override.get_key_element()
     value = override.value()
     try:
         if override.is_choice_sweep():
@@ -70,12 +69,8 @@ def distribution(override: Override) -> BaseDistribution:
                 return IntDistribution(value.start, value.end, log=log)
             return FloatDistribution(float(value.start), float(value.end), log=log)
     except ValueError as err:
-        raise SweepConfigError(
-            f"search space {key}={override.get_value_element_as_str()}: {err}"
-        ) from None
-    raise SweepConfigError(
-        f"search space {key}={override.get_value_element_as_str()} is not a sweep: use {GRAMMAR}"
-    )
+        raise SweepConfigError(f"search space {override.input_line}: {err}") from None
+    raise SweepConfigError(f"search space {override.input_line} is not a sweep: use {GRAMMAR}")
 
 
 def parse(

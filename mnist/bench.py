@@ -1,0 +1,155 @@
+"""Benchmark on real MNIST: Lightning vs a hand-written loop, sweep overhead, 2-epoch val_acc.
+
+python ../shared/tools/mnist_subset.py bench-data   # 8k/2k real MNIST, torchvision layout
+python -m mnist.bench --data bench-data
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from mlflow.tracking import MlflowClient
+from torch.nn import functional as F
+
+from mnist.data import load_mnist
+from mnist.model import MNISTClassifier
+from mnist.train import build_trainer, pick_device
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def hand_loop_seconds(data, device: torch.device) -> float:
+    torch.manual_seed(0)
+    model = MNISTClassifier().to(device)
+    optimizer = model.configure_optimizers()
+    model.train()
+    sync(device)
+    start = time.perf_counter()
+    for x, y in data.train:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def lightning_seconds(data, device: torch.device) -> float:
+    torch.manual_seed(0)
+    model = MNISTClassifier()
+    trainer = build_trainer(device, callbacks=[], verbose=False, max_epochs=1, limit_val_batches=0)
+    sync(device)
+    start = time.perf_counter()
+    trainer.fit(model, train_dataloaders=data.train)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def sweep_seconds(data_root: Path, work: Path, n_trials: int, name: str) -> tuple[float, float]:
+    """Wall time of a whole `sweep.py -m`, and the time its trials spent inside training."""
+    uri = f"sqlite:///{work}/mlflow.db"
+    command = [
+        sys.executable,
+        str(REPO / "sweep.py"),
+        "-m",
+        f"data.root={data_root}",
+        "data.val_size=1000",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=20",
+        f"hydra.sweeper.n_trials={n_trials}",
+        f"hydra.sweeper.study_name={name}",
+        f"hydra.sweeper.storage=sqlite:///{work}/optuna.db",
+        f"hydra.sweep.dir={work}/{name}",
+        f"mlflow.tracking_uri={uri}",
+        f"mlflow.experiment_name={name}",
+    ]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=work)
+    wall = time.perf_counter() - start
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name).experiment_id
+    runs = client.search_runs([experiment], "tags.`sweep.role` = 'trial'")
+    return wall, sum(r.data.metrics["train_seconds"] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="folder with MNIST/raw/ (mnist_subset.py)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--accelerator", default="auto")
+    args = parser.parse_args()
+    device = pick_device(args.accelerator)
+    data = load_mnist(args.data, batch_size=64, val_size=1000, seed=0, device=device)
+    n = len(data.train.labels)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, {n} training images")
+
+    lightning_seconds(data, device)  # warm-up: first-call costs (kernels, allocator)
+    hand, light = [], []
+    for _ in range(args.repeats):
+        hand.append(hand_loop_seconds(data, device))
+        light.append(lightning_seconds(data, device))
+    hand_rate, light_rate = n / statistics.median(hand), n / statistics.median(light)
+    print(
+        f"throughput (median of {args.repeats} epochs): hand-written loop {hand_rate:.0f} "
+        f"samples/s, Lightning trial {light_rate:.0f} samples/s, ratio "
+        f"{light_rate / hand_rate:.3f} (target >= 0.95)"
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        one = [sweep_seconds(Path(args.data).resolve(), work, 1, f"one{i}") for i in range(2)]
+        four = [sweep_seconds(Path(args.data).resolve(), work, 4, f"four{i}") for i in range(2)]
+        fixed = statistics.median(w - t for w, t in one)
+        total4 = statistics.median(w - t for w, t in four)
+        per_trial = (total4 - fixed) / 3
+        print(
+            f"sweep overhead: {per_trial:.2f} s per trial (target <= 1 s), from 4-trial vs "
+            f"1-trial sweeps (wall minus training, median of 2); {fixed - per_trial:.1f} s once "
+            f"per sweep command (Python imports, study, parent run)"
+        )
+
+        pl.seed_everything(0, verbose=False)
+        from omegaconf import OmegaConf
+
+        from mnist.config import register_configs
+        from mnist.train import run
+
+        register_configs()
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(
+                "config",
+                overrides=[
+                    f"data.root={Path(args.data).resolve()}",
+                    "data.val_size=1000",
+                    "trainer.max_epochs=2",
+                    f"trainer.accelerator={args.accelerator}",
+                    f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
+                    "mlflow.experiment_name=accuracy",
+                ],
+            )
+        started = time.perf_counter()
+        val_acc = run(cfg, in_sweep=True)
+        print(
+            f"2-epoch trial, dropout={cfg.model.dropout} lr={cfg.model.lr}: val_acc={val_acc:.4f} "
+            f"on {OmegaConf.select(cfg, 'data.val_size')} real validation digits "
+            f"(expect >= 0.96), {time.perf_counter() - started:.1f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Config composition: the defaults the README promises, and typos that must fail."""
+
+import re
+
+import pytest
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from mnist.config import ConfigValueError, check_config, flatten, register_configs
+
+register_configs()
+
+
+def load(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_defaults():
+    cfg = load(hydra=True)
+    assert cfg.seed == 42 and cfg.metric == "val_acc"
+    assert cfg.data.root == "data/" and cfg.data.batch_size == 64 and cfg.data.val_size == 5000
+    assert cfg.model.dropout == 0.1 and cfg.model.lr == 1e-3
+    assert cfg.trainer.accelerator == "auto"
+    assert cfg.mlflow.tracking_uri == "sqlite:///mlflow.db"
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("MnistOptunaSweeper")
+    assert sweeper.n_trials == 20 and sweeper.direction == "maximize"
+    assert sweeper.storage == "sqlite:///optuna.db"
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert sweeper.sampler.seed == 42  # follows `seed`
+    assert dict(sweeper.params) == {
+        "model.dropout": "interval(0.0, 0.5)",
+        "model.lr": "tag(log, interval(1e-4, 1e-2))",
+    }
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("override", ["model.dropuot=0.2", "trainer.max_epoch=3", "lr=0.1"])
+def test_typo_in_an_override_is_an_error(override):
+    with pytest.raises(ConfigCompositionException):
+        load(override)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
+        ("model.dropout=-0.1", "must be in [0, 1)"),
+        ("model.lr=0", "model.lr=0.0 must be > 0"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 must be >= 1"),
+        ("metric=acc", "metric='acc' must be one of val_acc, val_loss"),
+    ],
+)
+def test_values_that_cannot_train(override, message):
+    with pytest.raises(ConfigValueError, match=re.escape(message)):
+        check_config(load(override))
+
+
+def test_flatten_gives_dotted_keys_and_skips_the_trial_context():
+    flat = flatten(load("trial.number=3"))
+    assert flat["model.lr"] == 1e-3 and flat["data.batch_size"] == 64
+    assert not any(key.startswith("trial.") for key in flat)
+    assert OmegaConf.is_config(load())
