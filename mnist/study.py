@@ -16,22 +16,40 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist.errors import UserFacingError
 
-SAMPLERS = {
-    "tpe": "optuna.samplers.TPESampler",
-    "random": "optuna.samplers.RandomSampler",
-    "cmaes": "optuna.samplers.CmaEsSampler",
-    "gp": "optuna.samplers.GPSampler",
-    "grid": "optuna.samplers.GridSampler",
-    "qmc": "optuna.samplers.QMCSampler",
+# each choice's defaults; also the options of the hydra/sweeper/sampler and .../pruner groups
+SAMPLERS: dict[str, dict[str, Any]] = {
+    "tpe": {"_target_": "optuna.samplers.TPESampler"},
+    "random": {"_target_": "optuna.samplers.RandomSampler"},
+    "cmaes": {"_target_": "optuna.samplers.CmaEsSampler"},
+    "gp": {"_target_": "optuna.samplers.GPSampler"},
+    "grid": {"_target_": "optuna.samplers.GridSampler"},  # search space: from the params
+    "qmc": {"_target_": "optuna.samplers.QMCSampler"},
 }
-PRUNERS = {
-    "median": "optuna.pruners.MedianPruner",
-    "percentile": "optuna.pruners.PercentilePruner",
-    "successive_halving": "optuna.pruners.SuccessiveHalvingPruner",
-    "hyperband": "optuna.pruners.HyperbandPruner",
-    "threshold": "optuna.pruners.ThresholdPruner",
-    "patient": "optuna.pruners.PatientPruner",
-    "none": "optuna.pruners.NopPruner",
+PRUNERS: dict[str, dict[str, Any]] = {
+    "median": {
+        "_target_": "optuna.pruners.MedianPruner",
+        "n_startup_trials": 5,  # trials that always finish, to learn what "median" is
+        "n_warmup_steps": 1,  # never prune on the first epoch alone
+    },
+    "percentile": {
+        "_target_": "optuna.pruners.PercentilePruner",
+        "percentile": 25.0,
+        "n_startup_trials": 5,
+        "n_warmup_steps": 1,
+    },
+    "successive_halving": {
+        "_target_": "optuna.pruners.SuccessiveHalvingPruner",
+        "min_resource": 1,
+        "reduction_factor": 3,
+    },
+    "hyperband": {
+        "_target_": "optuna.pruners.HyperbandPruner",
+        "min_resource": 1,
+        "max_resource": "auto",
+        "reduction_factor": 3,
+    },
+    "threshold": {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.2},
+    "none": {"_target_": "optuna.pruners.NopPruner"},
 }
 # RDB heartbeats let a worker on another machine find the trials of a worker that died
 HEARTBEAT_INTERVAL_S = 10
@@ -50,7 +68,7 @@ class SweepConfigError(UserFacingError, ValueError):
     """A sweeper setting that cannot work; the message says which and what is allowed."""
 
 
-def _spec(value: Any, names: Mapping[str, str], what: str) -> dict[str, Any]:
+def _spec(value: Any, names: Mapping[str, dict[str, Any]], what: str) -> dict[str, Any]:
     """A `_target_` mapping from a short name ('hyperband'), a {name: ..., args} or a {_target_}."""
     if isinstance(value, DictConfig):
         value = OmegaConf.to_container(value, resolve=True)
@@ -68,7 +86,7 @@ def _spec(value: Any, names: Mapping[str, str], what: str) -> dict[str, Any]:
                 f"hydra.sweeper.{what}={name!r} is not known: use one of {', '.join(names)}, "
                 f"or a mapping with _target_ naming an Optuna {what} class"
             )
-        spec["_target_"] = names[name]
+        spec = names[name] | spec
     return spec
 
 

@@ -4,18 +4,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from mnist.study import PRUNERS, SAMPLERS
 
 
 @dataclass
 class MnistOptunaSweeperConf:
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
     _target_: str = "hydra_plugins.mnist_sweeper.sweeper.MnistOptunaSweeper"
     # the sweeper builds sampler and pruner itself (a grid sampler needs the search space)
     _recursive_: bool = False
-    # a short name (tpe, random, cmaes, gp, grid, qmc) or a mapping with _target_ and arguments
-    sampler: Any = "tpe"
-    # a short name (median, percentile, successive_halving, hyperband, threshold, none), null,
-    # or a mapping with _target_ (or name) and arguments
-    pruner: Any = "median"
+    # group hydra/sweeper/sampler (tpe, random, cmaes, gp, grid, qmc), or a short name, or a
+    # mapping with _target_ and arguments
+    sampler: Any = MISSING
+    # group hydra/sweeper/pruner (median, percentile, successive_halving, hyperband, threshold,
+    # none), or a short name, null, or a mapping with _target_ and arguments
+    pruner: Any = MISSING
     # maximize or minimize; must agree with the app's `metric`
     direction: str = "maximize"
     # the study ends with this many finished (complete or pruned) trials, across all workers
@@ -35,3 +40,12 @@ class MnistOptunaSweeperConf:
 ConfigStore.instance().store(
     group="hydra/sweeper", name="mnist_optuna", node=MnistOptunaSweeperConf, provider="mnist"
 )
+for name, node in SAMPLERS.items():
+    seeded = node if name == "grid" else {**node, "seed": "${seed}"}  # the app's seed
+    ConfigStore.instance().store(
+        group="hydra/sweeper/sampler", name=name, node=seeded, provider="mnist"
+    )
+for name, node in PRUNERS.items():
+    ConfigStore.instance().store(
+        group="hydra/sweeper/pruner", name=name, node=node, provider="mnist"
+    )

@@ -200,7 +200,7 @@ class MnistOptunaSweeper(Sweeper):
             )
             return []
 
-        parent = self._parent_run(client, study, experiment, created)
+        parent = self._parent_run(client, study, experiment, created, sampler, pruner)
         self._print_plan(space, study, storage, tracking_uri)
         workers = [] if is_worker else self._start_workers()
         status = "FAILED"
@@ -339,7 +339,15 @@ class MnistOptunaSweeper(Sweeper):
 
     # ---- MLflow parent run ----------------------------------------------------------------------
 
-    def _parent_run(self, client, study: optuna.Study, experiment: str, created: bool) -> str:
+    def _parent_run(
+        self,
+        client,
+        study: optuna.Study,
+        experiment: str,
+        created: bool,
+        sampler: optuna.samplers.BaseSampler,
+        pruner: optuna.pruners.BasePruner,
+    ) -> str:
         """The sweep's one parent run: created with the study, found by every later worker."""
         run_id = study.user_attrs.get(PARENT_ATTR)
         if run_id is None and not created:
@@ -364,8 +372,8 @@ class MnistOptunaSweeper(Sweeper):
                 {
                     "sweeper.n_trials": self.n_trials,
                     "sweeper.direction": self.direction,
-                    "sweeper.sampler": str(self.sampler_spec),
-                    "sweeper.pruner": str(self.pruner_spec),
+                    "sweeper.sampler": type(sampler).__name__,
+                    "sweeper.pruner": type(pruner).__name__,
                     **{
                         f"search.{k}": v
                         for k, v in search_space.flatten_params(self.params).items()
