@@ -52,11 +52,22 @@ def ensure_mnist(root: str | Path, download: bool = True) -> Path:
     )
 
 
+class MNISTCorruptError(UserFacingError, ValueError):
+    """The MNIST files exist but cannot be read."""
+
+
 @functools.lru_cache(maxsize=4)
 def _read_split(folder: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # parsing 60k images costs ~0.3 s: cache it for the trials of an in-process sweep
     root = str(Path(folder).parent.parent)
-    dataset = MNIST(root, train=train, download=False)
+    try:
+        dataset = MNIST(root, train=train, download=False)
+    except Exception as err:  # torchvision asserts on a bad magic number, numpy on a short file
+        raise MNISTCorruptError(
+            f"cannot read the MNIST {'training' if train else 'test'} files in {folder} "
+            f"({type(err).__name__}: {err or 'not an IDX file'}): they are corrupt or truncated; "
+            f"delete them to download again, or copy them afresh"
+        ) from err
     images = (dataset.data.unsqueeze(1).float() / 255.0 - MEAN) / STD
     return images, dataset.targets.long()
 

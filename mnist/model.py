@@ -8,8 +8,10 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from mnist.errors import UserFacingError
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(UserFacingError, RuntimeError):
     """Training produced a NaN or infinite loss: the trial diverged."""
 
 

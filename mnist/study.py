@@ -230,9 +230,13 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
         dead = pid is not None and (int(pid) == os.getpid() or not _pid_alive(int(pid)))
         if host == me["host"] and dead:
             try:
+                study._storage.set_trial_system_attr(trial._trial_id, "failure", "orphaned")
+                study._storage.set_trial_user_attr(
+                    trial._trial_id, "fail_reason", f"its worker (pid {pid}) died while training"
+                )
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
                 orphans.append(trial.number)
-            except (ValueError, RuntimeError):  # another worker failed it first
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker was first
                 pass
     failed = (optuna.trial.TrialState.FAIL,)
     before = {t.number for t in study.get_trials(deepcopy=False, states=failed)}

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from mnist import tracking
 from mnist.config import check_config, flatten
-from mnist.data import load_mnist
+from mnist.data import ensure_mnist, load_mnist
 from mnist.model import MNISTClassifier, NonFiniteLossError
 from mnist.study import job_trial
 
@@ -123,14 +123,8 @@ def run(
     quiet_lightning(not verbose)
     pl.seed_everything(cfg.seed, verbose=verbose)
     device = pick_device(cfg.trainer.accelerator)
-    data = load_mnist(
-        start_dir / cfg.data.root,
-        batch_size=cfg.data.batch_size,
-        val_size=cfg.data.val_size,
-        seed=cfg.seed,
-        device=device,
-        download=cfg.data.download,
-    )
+    # missing data is the user's to fix: say so before any run exists
+    ensure_mnist(start_dir / cfg.data.root, download=cfg.data.download)
     client = tracking.connect(tracking.absolute_uri(cfg.mlflow.tracking_uri, start_dir))
     experiment = tracking.experiment_id(client, cfg.mlflow.experiment_name)
 
@@ -155,6 +149,14 @@ def run(
     pruning = PruningCheck(trial, cfg.metric) if trial is not None else None
     started = time.perf_counter()
     try:
+        data = load_mnist(
+            start_dir / cfg.data.root,
+            batch_size=cfg.data.batch_size,
+            val_size=cfg.data.val_size,
+            seed=cfg.seed,
+            device=device,
+            download=False,
+        )
         model = MNISTClassifier(dropout=cfg.model.dropout, lr=cfg.model.lr)
         trainer = build_trainer(
             device,

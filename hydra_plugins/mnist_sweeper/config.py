@@ -31,7 +31,8 @@ class MnistOptunaSweeperConf:
     storage: Any = "sqlite:///optuna.db"
     # the same name and storage continue the same study
     study_name: str = "mnist-cnn"
-    # the sweep stops once failed trials exceed this share of n_trials
+    # the sweep stops once failed trials exceed this share of max(n_trials, trials run);
+    # 0 stops at the first failure, 1 never stops
     max_failure_rate: float = 0.25
     # search space: dotted config key -> Hydra override grammar, e.g. interval(0.0, 0.5)
     params: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,252 @@
+"""A sweep that survives: crashes, Ctrl-C, failing and diverging trials, bad input, dead servers.
+
+Each test runs the real sweep.py and reads both stores back; nothing may be left RUNNING.
+"""
+
+import re
+import signal
+import socket
+import time
+
+import optuna
+import pytest
+from conftest import assert_ok
+from fake_mnist import write_mnist
+from optuna.trial import TrialState
+
+# no pruner: these tests count finished trials exactly
+STEADY = ("hydra.sweeper.pruner=null", "trainer.max_epochs=4")
+
+
+def wait_for_training(sweep, proc, number: int, timeout: float = 240) -> None:
+    """Block until trial `number` is training (RUNNING, with its child run created)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            trials = sweep.study().get_trials()
+        except (KeyError, optuna.exceptions.StorageInternalError):
+            trials = []  # the study does not exist yet
+        for t in trials:
+            if (
+                t.number == number
+                and t.state == TrialState.RUNNING
+                and "mlflow_run_id" in t.user_attrs
+            ):
+                time.sleep(1.0)  # into the epochs, not the run's creation
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"trial {number} never started training")
+
+
+def assert_nothing_running(sweep):
+    assert [r.info.run_name for r in sweep.runs() if r.info.status == "RUNNING"] == []
+    try:
+        study = sweep.study()
+    except KeyError:
+        return
+    assert [t.number for t in study.get_trials() if t.state == TrialState.RUNNING] == []
+
+
+def check_resumed(sweep, interrupted: int, n_trials: int, child_status: str) -> None:
+    study = sweep.study()
+    trials = study.get_trials()
+    assert trials[interrupted].state == TrialState.FAIL
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == n_trials
+    assert [t.number for t in trials] == list(range(len(trials)))  # numbering continued
+    runs = sweep.runs()
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_id = {r.info.run_id: r for r in runs}
+    lost = by_id[trials[interrupted].user_attrs["mlflow_run_id"]]
+    assert lost.info.status == child_status
+    assert lost.data.tags["optuna.state"] == "FAIL"
+    assert all(
+        r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+        for r in runs
+        if r not in parents
+    )
+    assert_nothing_running(sweep)
+    # one job folder per trial number: the resumed sweep wrote new ones beside the old ones
+    dirs = sorted(int(p.name.split("-")[1]) for p in sweep.sweep_dir.glob("trial-*"))
+    assert dirs == [t.number for t in trials]
+    overrides = (sweep.sweep_dir / "trial-0" / ".hydra" / "overrides.yaml").read_text()
+    assert "trial.number=0" in overrides
+
+
+def test_killed_mid_trial_resumes(sweep):
+    proc = sweep.popen("hydra.sweeper.n_trials=3", *STEADY)
+    wait_for_training(sweep, proc, 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert sweep.study().get_trials()[1].state == TrialState.RUNNING  # what a crash leaves
+
+    resumed = sweep.run("hydra.sweeper.n_trials=3", *STEADY)
+    assert_ok(resumed)
+    assert "left running by a worker that died" in resumed.stderr + resumed.stdout
+    check_resumed(sweep, interrupted=1, n_trials=3, child_status="FAILED")
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(sweep):
+    proc = sweep.popen("hydra.sweeper.n_trials=3", *STEADY)
+    wait_for_training(sweep, proc, 1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "Resume with the same command" in out
+    assert "sweep.py -m" in out
+    study = sweep.study()
+    assert study.get_trials()[1].state == TrialState.FAIL
+    (parent,) = [r for r in sweep.runs() if r.data.tags.get("sweep.role") == "sweep"]
+    assert parent.info.status == "KILLED"
+    assert_nothing_running(sweep)
+
+    resumed = sweep.run("hydra.sweeper.n_trials=3", *STEADY)
+    assert_ok(resumed)
+    check_resumed(sweep, interrupted=1, n_trials=3, child_status="KILLED")
+
+
+def test_failing_and_diverging_trials_do_not_stop_the_sweep(sweep, tmp_path):
+    broken = tmp_path / "broken"
+    write_mnist(broken)
+    (broken / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"not an idx file")
+    proc = sweep.run(
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.max_failure_rate=1.0",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.pruner=null",
+        "trainer.max_epochs=2",
+        # 1e6 makes the loss NaN within two steps; the broken folder makes reading fail
+        "model.lr=choice(0.001, 1e6)",
+        f"data.root=choice({sweep.mnist_root}, {broken})",
+    )
+    assert_ok(proc)
+    trials = sweep.study().get_trials()
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(finished) == 2 and failed
+    runs = {r.info.run_id: r for r in sweep.runs()}
+    client = sweep.client()
+    reasons = set()
+    for trial in failed:
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FAILED"
+        reason = run.data.tags["failure_reason"]
+        reasons.add(reason.split(":")[0])
+        if trial.params["model.lr"] == 1e6 and str(broken) not in trial.params["data.root"]:
+            assert reason.startswith("NonFiniteLossError")
+            # stopped at once: no epoch of NaNs was logged
+            assert client.get_metric_history(run.info.run_id, "loss") == []
+    assert reasons <= {"NonFiniteLossError", "MNISTCorruptError"}, reasons
+    assert all(t.params["model.lr"] == 0.001 for t in finished)
+    assert str(broken) not in {t.params["data.root"] for t in finished}
+    assert_nothing_running(sweep)
+
+
+def test_too_many_failures_stop_the_sweep_with_every_run_closed(sweep):
+    proc = sweep.run(
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.max_failure_rate=0.25",  # one failure allowed
+        "hydra.sweeper.pruner=null",
+        "trainer.max_epochs=1",
+        "model.lr=choice(1e6, 2e6)",  # every trial diverges
+    )
+    assert proc.returncode == 1
+    assert "max_failure_rate=0.25" in proc.stderr and "failure_reason" in proc.stderr
+    trials = sweep.study().get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    (parent,) = [r for r in sweep.runs() if r.data.tags.get("sweep.role") == "sweep"]
+    assert parent.info.status == "FAILED"
+    assert_nothing_running(sweep)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.dropuot=0.2", "Key 'dropuot' not in 'ModelConfig'"),
+        ("model.lr=interval(1e-4", "interval(1e-4"),
+        ("hydra.sweeper.params.model.lr=tag(log, intervl(1e-4, 1e-2))", "intervl"),
+        (
+            "hydra.sweeper.params.model.dropout=interval(0.2, 1.5)",
+            "model.dropout=1.5 must be in [0, 1)",
+        ),
+        ("hydra.sweeper.params.model.lr=tag(log, interval(0, 0.1))", "model.lr"),
+        ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0 must be a whole number >= 1"),
+        ("hydra.sweeper.n_trials=-3", "must be a whole number >= 1"),
+        ("hydra.sweeper.max_failure_rate=2", "max_failure_rate=2.0 must be in [0, 1]"),
+        ("hydra.sweeper.direction=minimize", "set hydra.sweeper.direction=maximize"),
+        ("hydra.sweeper.params.model.lrr=interval(0.1, 0.2)", "no key 'model.lrr'"),
+    ],
+)
+def test_bad_input_fails_before_anything_is_created(sweep, override, message):
+    proc = sweep.run(override)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (sweep.path / "optuna.db").exists()
+    assert not (sweep.path / "mlflow.db").exists()
+
+
+def test_missing_data_is_one_clear_error(sweep, tmp_path):
+    empty = tmp_path / "empty"
+    proc = sweep.run(f"data.root={empty}")
+    if (empty / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+        pytest.skip("this machine reached the internet and downloaded MNIST")
+    assert proc.returncode == 2
+    error = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "Traceback" not in proc.stderr
+    assert str(empty / "MNIST" / "raw") in error[0]
+    assert "train-images-idx3-ubyte" in error[0] and "t10k-labels-idx1-ubyte" in error[0]
+    assert not (sweep.path / "optuna.db").exists()
+    assert not (sweep.path / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_server_fails_fast(sweep):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    started = time.monotonic()
+    proc = sweep.run(f"mlflow.tracking_uri=http://127.0.0.1:{port}")
+    assert time.monotonic() - started < 60  # imports included; the probe itself takes < 1 s
+    assert proc.returncode == 2
+    assert f"http://127.0.0.1:{port} does not answer" in proc.stderr
+    assert not (sweep.path / "optuna.db").exists()
+
+
+def test_rerunning_a_complete_study_explains_how_to_continue(sweep):
+    assert_ok(sweep.run("hydra.sweeper.n_trials=2", "trainer.max_epochs=1"))
+    runs_before = len(sweep.runs())
+    again = sweep.run("hydra.sweeper.n_trials=2", "trainer.max_epochs=1")
+    assert_ok(again)
+    assert "already has 2 finished trials" in again.stdout
+    assert "hydra.sweeper.n_trials" in again.stdout and "study_name" in again.stdout
+    assert len(sweep.study().get_trials()) == 2
+    assert len(sweep.runs()) == runs_before
+    # and raising n_trials continues the same study under the same parent
+    more = sweep.run("hydra.sweeper.n_trials=3", "trainer.max_epochs=1")
+    assert_ok(more)
+    assert len(sweep.study().get_trials()) == 3
+    assert len([r for r in sweep.runs() if r.data.tags.get("sweep.role") == "sweep"]) == 1
+    assert len([r for r in sweep.runs() if r.data.tags.get("best_run") == "true"]) == 1
+
+
+def test_same_seed_same_trials_and_metrics(tmp_path, mnist_root):
+    from conftest import SweepDir
+
+    results = []
+    for name in ("a", "b"):
+        path = tmp_path / name
+        path.mkdir()
+        sweep = SweepDir(path, mnist_root)
+        assert_ok(sweep.run("hydra.sweeper.n_trials=2", "trainer.max_epochs=2"))
+        trials = sweep.study().get_trials()
+        runs = {r.info.run_id: r for r in sweep.runs()}
+        results.append(
+            [
+                (t.params, t.value, runs[t.user_attrs["mlflow_run_id"]].data.metrics["loss"])
+                for t in trials
+            ]
+        )
+    assert results[0] == results[1]
+    assert re.search(r"\d", str(results[0]))
