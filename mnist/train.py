@@ -19,6 +19,7 @@ from mnist import tracking
 from mnist.config import check_config, flatten
 from mnist.data import ensure_mnist, load_mnist
 from mnist.model import MNISTClassifier, NonFiniteLossError
+from mnist.registry import save_checkpoint
 from mnist.study import job_trial
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ def run(
                 f"pruned at epoch {pruning.pruned_at_epoch} with {cfg.metric}={value:.4f}"
             )
         tracking.log_metrics(client, run_id, {"train_seconds": seconds}, step=0)
+        if trial is not None:  # the sweep publishes the best trial's own weights, not a rerun
+            save_checkpoint(client, run_id, model)
         tracking.end_run(client, run_id, "FINISHED", {"optuna.state": "COMPLETE"} if trial else {})
         return value
     except optuna.TrialPruned:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,50 @@ def table(study: optuna.Study, metric: str) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optuna's four standard views of the study, as one HTML page and one PNG each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna import visualization as vis
+    from optuna.visualization import matplotlib as vis_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    views = {
+        "optimization_history": (vis.plot_optimization_history, vis_png.plot_optimization_history),
+        "parallel_coordinate": (vis.plot_parallel_coordinate, vis_png.plot_parallel_coordinate),
+        "param_importances": (vis.plot_param_importances, vis_png.plot_param_importances),
+        "intermediate_values": (vis.plot_intermediate_values, vis_png.plot_intermediate_values),
+    }
+    written, figures = [], []
+    with warnings.catch_warnings():
+        # the matplotlib views are marked experimental; their output is what we want
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, (html_view, png_view) in views.items():
+            try:
+                figures.append((name, html_view(study)))
+                axes = png_view(study)
+                figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+                figure.set_size_inches(9, 5)
+                figure.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
+                plt.close(figure)
+                written.append(folder / f"{name}.png")
+            except (ValueError, RuntimeError, ZeroDivisionError) as err:
+                # importances need two complete trials and a varying parameter, for instance
+                logging.getLogger(__name__).info("no %s plot: %s", name, err)
+    if figures:
+        page = folder / "sweep_report.html"
+        parts = [f"<h1>Study {study.study_name}</h1>"]
+        for i, (name, figure) in enumerate(figures):
+            # plotly.js once, inline: the MLflow UI may have no internet to fetch it from
+            parts.append(f"<h2>{name.replace('_', ' ')}</h2>")
+            parts.append(figure.to_html(full_html=False, include_plotlyjs=(i == 0)))
+        page.write_text("<html><body>" + "\n".join(parts) + "</body></html>")
+        written.append(page)
+    return written
+
+
 def write_results(
     path: Path,
     study: optuna.Study,
@@ -115,6 +161,7 @@ def write_results(
     best_run_id: str | None,
     parent_run_id: str | None,
     tracking_uri: str,
+    published: Any = None,
 ) -> dict[str, Any]:
     best = best_trial(study)
     results: dict[str, Any] = {
@@ -130,6 +177,36 @@ def write_results(
         "parent_run_id": parent_run_id,
         "tracking_uri": tracking_uri,
     }
+    if published is not None:
+        results |= {
+            "model_uri": published.model_uri,
+            "model_version": published.version,
+            "test_acc": published.test_acc,
+            "champion": published.champion_moved,
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(results), path)
     return results
+
+
+def run_info(client, run_id: str) -> str:
+    """The best run as the MLflow autolog example printed it: id, artifacts, params, ..."""
+    run = client.get_run(run_id)
+    artifacts = [f.path for f in client.list_artifacts(run_id)]
+    artifacts += [
+        f"{m.model_uri} ({m.name})"
+        for m in client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+        )
+    ]
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    return "\n".join(
+        [
+            "best run:",
+            f"run_id: {run_id}",
+            f"artifacts: {artifacts}",
+            f"params: {dict(sorted(run.data.params.items()))}",
+            f"metrics: {dict(sorted(run.data.metrics.items()))}",
+            f"tags: {dict(sorted(tags.items()))}",
+        ]
+    )

@@ -13,6 +13,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,12 @@ from hydra.core.utils import JobStatus
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from hydra_plugins.mnist_sweeper import report, search_space
-from mnist import tracking
+from mnist import registry, tracking
 from mnist.config import METRICS, ConfigValueError, check_config
 from mnist.data import ensure_mnist
 from mnist.errors import UserFacingError
@@ -229,7 +231,7 @@ class MnistOptunaSweeper(Sweeper):
                     tracking.end_run(client, parent, "FAILED", {"sweep.state": "failed"})
         if is_worker:
             return []
-        return self._finish(study, client, parent, base.metric, tracking_uri)
+        return self._finish(study, client, parent, base, tracking_uri)
 
     def _start_workers(self) -> list[subprocess.Popen]:
         """n_jobs - 1 more copies of this command, one trial at a time each, on one study."""
@@ -409,26 +411,49 @@ class MnistOptunaSweeper(Sweeper):
 
     # ---- the end -----------------------------------------------------------------------------
 
-    def _finish(self, study, client, parent: str, metric: str, tracking_uri: str) -> Any:
+    def _finish(self, study, client, parent: str, base: DictConfig, tracking_uri: str) -> Any:
+        metric = base.metric
         best = report.best_trial(study)
         best_run_id = best.user_attrs.get("mlflow_run_id") if best else None
+        published = None
         if best is not None and best_run_id:
             for note in tracking.mark_best(
                 client, parent, best_run_id, best.number, best.params, metric, best.value
             ):
                 log.warning(note)
+            try:
+                published = registry.publish_best(
+                    client,
+                    tracking_uri,
+                    best_run_id,
+                    parent,
+                    base.mlflow.registered_model_name,
+                    self.start_dir / base.data.root,
+                    dropout=float(client.get_run(best_run_id).data.params["model.dropout"]),
+                    tags={
+                        "optuna.study_name": self.study_name,
+                        "optuna.trial_number": str(best.number),
+                        "parent_run_id": parent,
+                        metric: f"{best.value:.6f}",
+                    },
+                )
+            except (MlflowException, OSError, KeyError) as err:
+                # the sweep's results stand without a registered model; say why there is none
+                log.error("the best model was not published: %s: %s", type(err).__name__, err)
+                client.set_tag(parent, "publish_error", f"{type(err).__name__}: {err}"[:5000])
+        with tempfile.TemporaryDirectory() as tmp:
+            if report.write_plots(study, Path(tmp)):
+                client.log_artifacts(parent, tmp, "report")
         done = report.counts(study)
-        tracking.end_run(
-            client,
-            parent,
-            "FINISHED",
-            {
-                "sweep.state": "finished",
-                "trials.complete": done["complete"],
-                "trials.pruned": done["pruned"],
-                "trials.failed": done["failed"],
-            },
-        )
+        tags = {
+            "sweep.state": "finished",
+            "trials.complete": done["complete"],
+            "trials.pruned": done["pruned"],
+            "trials.failed": done["failed"],
+        }
+        if published is not None:
+            tags |= {"model_version": published.version, "champion": str(published.champion_moved)}
+        tracking.end_run(client, parent, "FINISHED", tags)
         results = report.write_results(
             self.sweep_dir / "optimization_results.yaml",
             study,
@@ -436,9 +461,32 @@ class MnistOptunaSweeper(Sweeper):
             best_run_id,
             parent,
             tracking_uri,
+            published,
         )
         print(self._summary(study, metric, tracking_uri, parent))
+        if published is not None:
+            print(self._published(base.mlflow.registered_model_name, published))
+        if best_run_id:
+            print(report.run_info(client, best_run_id))
         return results
+
+    @staticmethod
+    def _published(name: str, published: registry.Published) -> str:
+        line = (
+            f"model: {name} version {published.version} ({published.model_uri}), "
+            f"test_acc={published.test_acc:.4f}; "
+        )
+        if published.previous_champion is None:
+            return line + f"it is the first @champion: models:/{name}@champion"
+        if published.champion_moved:
+            return line + (
+                f"@champion moved from version {published.previous_champion} "
+                f"(test_acc={published.previous_test_acc:.4f})"
+            )
+        return line + (
+            f"@champion stays on version {published.previous_champion} "
+            f"(test_acc={published.previous_test_acc:.4f} is not beaten)"
+        )
 
     def _summary(self, study, metric: str, tracking_uri: str, parent_run_id: str | None) -> str:
         done = report.counts(study)
