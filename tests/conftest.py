@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -90,3 +96,98 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on loopback for the session (installed from Debian if missing)."""
+    pg_bin = _postgres_bin()
+    if pg_bin is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "postgresql"],
+            check=True,
+            capture_output=True,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
+        pg_bin = _postgres_bin()
+    if pg_bin is None:
+        pytest.fail("PostgreSQL is not installed: apt-get install postgresql (needs root)")
+    # its own folder outside pytest's root-only tmp tree: the server runs as user postgres
+    folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-pg-"))
+    as_postgres = os.geteuid() == 0
+    if as_postgres:
+        shutil.chown(folder, "postgres")
+
+    def pg(*command: str) -> None:
+        line = " ".join(command)
+        argv = ["su", "postgres", "-c", line] if as_postgres else ["bash", "-c", line]
+        subprocess.run(argv, check=True, capture_output=True)
+
+    port = free_port()
+    pg(f"{pg_bin}/initdb", "-D", f"{folder}/data", "-A", "trust", "-U", "postgres")
+    pg(
+        f"{pg_bin}/pg_ctl", "-D", f"{folder}/data", "-w", "-l", f"{folder}/log",
+        "-o", f"'-p {port} -k {folder} -h 127.0.0.1'", "start",
+    )  # fmt: skip
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        pg(f"{pg_bin}/pg_ctl", "-D", f"{folder}/data", "-m", "fast", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def create_database(server_url: str, name: str) -> str:
+    import psycopg
+
+    with psycopg.connect(f"{server_url}/postgres", autocommit=True) as connection:
+        connection.execute(f'create database "{name}"')
+    return f"{server_url}/{name}"
+
+
+@pytest.fixture
+def mlflow_server(postgres, tmp_path):
+    """`mlflow server` on loopback with a PostgreSQL backend; stopped even if the test fails."""
+    backend = create_database(postgres, f"mlflow_{tmp_path.name}".lower()[:60])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "mlflow-server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+             "--artifacts-destination", str(tmp_path / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if server.poll() is not None:
+                    pytest.fail(f"mlflow server exited:\n{log_path.read_text()}")
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        pytest.fail("mlflow server did not answer /health in 180 s")
+                    time.sleep(1)
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()

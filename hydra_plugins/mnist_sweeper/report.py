@@ -130,6 +130,8 @@ def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
     with warnings.catch_warnings():
         # the matplotlib views are marked experimental; their output is what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # importances of near-equal trials warn that they are equal; the plot says as much
+        warnings.filterwarnings("ignore", "Target and region quantiles", UserWarning)
         for name, (html_view, png_view) in views.items():
             try:
                 figures.append((name, html_view(study)))

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ WAIT_FOR_PARENT_S = 60
 # the launcher that runs jobs in this process; others run them elsewhere
 IN_PROCESS_LAUNCHERS = ("BasicLauncher",)
 INTERRUPTED = "interrupted"
+WORKER_ENV = "MNIST_SWEEP_WORKER"
 
 
 class SweepStopped(UserFacingError, RuntimeError):
@@ -171,6 +173,7 @@ class MnistOptunaSweeper(Sweeper):
             sys.exit(2 if not isinstance(err, SweepStopped) else 1)
 
     def _sweep(self, arguments: list[str]) -> Any:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
         # one progress line per trial replaces the launcher's "Launching 1 jobs locally" pair
         logging.getLogger("hydra._internal.core_plugins.basic_launcher").setLevel(logging.WARNING)
         space, fixed, base = self._check(arguments)
@@ -182,15 +185,23 @@ class MnistOptunaSweeper(Sweeper):
         ensure_mnist(self.start_dir / base.data.root, download=base.data.download)
         client = tracking.connect(tracking_uri)  # a down server fails here, not after retries
 
-        is_worker = os.environ.get("MNIST_SWEEP_WORKER") == "1"
+        # a worker started by n_jobs > 1 trains trials; the process that started it owns the end
+        is_worker = os.environ.get(WORKER_ENV) == "1"
         study, created = open_study(self.study_name, storage, self.direction, sampler, pruner)
+        if not created:
+            # a resumed study, or a second worker: the seed's sequence would repeat the first
+            # worker's trials, so only the process that created the study keeps the seed
+            sampler.reseed_rng()
         experiment = tracking.experiment_id(client, base.mlflow.experiment_name)
-        for number in fail_orphaned_trials(study):
-            log.warning("trial %d was left running by a worker that died: marked FAIL", number)
-        self._close_orphaned_runs(client, study)
+        self._recover(client, study)
 
         done = report.counts(study)
         if done["complete"] + done["pruned"] >= self.n_trials and not is_worker:
+            parent = study.user_attrs.get(PARENT_ATTR)
+            if parent and not done["running"] and self._claim_finish(study):
+                # every trial ended but the worker that ran the last one died before the end
+                tracking.reopen_run(client, parent)
+                return self._finish(study, client, parent, base, tracking_uri)
             print(self._summary(study, base.metric, tracking_uri, parent_run_id=None))
             print(
                 f"Study {self.study_name!r} already has {done['complete'] + done['pruned']} "
@@ -202,16 +213,12 @@ class MnistOptunaSweeper(Sweeper):
         parent = self._parent_run(client, study, experiment, created, sampler, pruner)
         self._print_plan(space, study, storage, tracking_uri)
         workers = [] if is_worker else self._start_workers()
-        status = "FAILED"
         try:
             self._loop(study, space, fixed, parent, base.metric, client)
             for proc in workers:
                 proc.wait()
-            status = "FINISHED"
         except (KeyboardInterrupt, SystemExit) as err:
-            status = "KILLED"
-            for proc in workers:
-                proc.terminate()
+            self._stop_workers(workers)
             self._close_orphaned_runs(client, study)
             print(
                 f"\nSweep interrupted ({type(err).__name__}); finished trials are kept in "
@@ -219,26 +226,69 @@ class MnistOptunaSweeper(Sweeper):
                 + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
                 file=sys.stderr,
             )
-            tracking.end_run(client, parent, "KILLED", {"sweep.state": INTERRUPTED})
+            if not is_worker:
+                tracking.end_run(client, parent, "KILLED", {"sweep.state": INTERRUPTED})
             sys.exit(130)
-        finally:
-            if status != "KILLED":
-                for proc in workers:
-                    if proc.poll() is None:
-                        proc.terminate()
-                        proc.wait()
-                if status == "FAILED":
-                    tracking.end_run(client, parent, "FAILED", {"sweep.state": "failed"})
+        except BaseException:
+            self._stop_workers(workers)
+            self._close_orphaned_runs(client, study)
+            if not is_worker:
+                tracking.end_run(client, parent, "FAILED", {"sweep.state": "failed"})
+            raise
         if is_worker:
             return []
+        if not self._claim_finish(study):
+            print(
+                f"This worker is done; trials of other workers are still training, and the "
+                f"last one to finish tags the best run ({report.counts(study)})."
+            )
+            return []
         return self._finish(study, client, parent, base, tracking_uri)
+
+    def _recover(self, client, study: optuna.Study) -> None:
+        """Fail the trials whose worker died, and close their runs."""
+        for number in fail_orphaned_trials(study):
+            log.warning("trial %d was left running by a worker that died: marked FAIL", number)
+        self._close_orphaned_runs(client, study)
+
+    @staticmethod
+    def _claim_finish(study: optuna.Study) -> bool:
+        """True for exactly one worker: the one that may tag the best run and end the parent.
+
+        Only once no trial is running; creating a study is atomic in every Optuna storage, so a
+        marker study per finished-trial count is the lock (a continued study finishes again).
+        """
+        counts = report.counts(study)
+        if counts["running"]:
+            return False
+        finished = counts["complete"] + counts["pruned"]
+        try:
+            optuna.create_study(
+                study_name=f"{study.study_name}.finished-{finished}", storage=study._storage
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            return False
+        return True
+
+    @staticmethod
+    def _stop_workers(workers: list[subprocess.Popen]) -> None:
+        # SIGINT first: each worker closes its own trial and run, as after Ctrl-C
+        for proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in workers:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def _start_workers(self) -> list[subprocess.Popen]:
         """n_jobs - 1 more copies of this command, one trial at a time each, on one study."""
         if self.n_jobs == 1:
             return []
         threads = max(1, (os.cpu_count() or 1) // self.n_jobs)
-        env = dict(os.environ, MNIST_SWEEP_WORKER="1", OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), **{WORKER_ENV: "1"})
         os.environ["OMP_NUM_THREADS"] = str(threads)
         import torch
 
@@ -257,6 +307,7 @@ class MnistOptunaSweeper(Sweeper):
     ) -> None:
         durations: list[float] = []
         while True:
+            self._recover(client, study)  # a worker elsewhere may have died meanwhile
             counts = report.counts(study)
             finished = counts["complete"] + counts["pruned"]
             errors = sum(
@@ -278,6 +329,8 @@ class MnistOptunaSweeper(Sweeper):
             if finished + counts["running"] >= self.n_trials:
                 return
             trial = study.ask(space)
+            if self._surplus(study, trial):
+                continue
             for key, value in worker_id().items():
                 study._storage.set_trial_system_attr(trial._trial_id, f"worker_{key}", value)
             started = time.perf_counter()
@@ -300,6 +353,17 @@ class MnistOptunaSweeper(Sweeper):
                 flush=True,
             )
             del state
+
+    def _surplus(self, study: optuna.Study, trial: optuna.Trial) -> bool:
+        """Another worker asked for the last trial at the same moment: give this one back."""
+        live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        ahead = [
+            t for t in study.get_trials(deepcopy=False, states=live) if t.number < trial.number
+        ]
+        if len(ahead) < self.n_trials:
+            return False
+        self._tell_failed(study, trial, "surplus", "not run: n_trials were already taken")
+        return True
 
     def _run_trial(
         self, study: optuna.Study, trial: optuna.Trial, fixed: list[str], parent: str, metric: str
