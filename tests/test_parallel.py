@@ -52,10 +52,15 @@ def test_three_workers_share_one_study_on_postgres_and_an_mlflow_server(
     for worker, out in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, out
     assert sum("<- best" in out for out in outputs) == 1  # one worker ended the sweep
-    study = optuna.load_study(study_name="mnist-cnn", storage=storage)
-    check_one_sweep(study, MlflowClient(mlflow_server), n_trials=6)
-    hosts = {t.system_attrs["worker_pid"] for t in study.get_trials()}
-    assert len(hosts) >= 2  # the work was really shared
+    rdb = optuna.storages.RDBStorage(storage)
+    try:
+        study = optuna.load_study(study_name="mnist-cnn", storage=rdb)
+        check_one_sweep(study, MlflowClient(mlflow_server), n_trials=6)
+        pids = {t.system_attrs["worker_pid"] for t in study.get_trials()}
+        assert len(pids) >= 2  # the work was really shared
+    finally:
+        rdb.remove_session()
+        rdb.engine.dispose()  # close its pooled connections before the server stops
 
 
 def test_two_local_workers_on_sqlite(sweep):
