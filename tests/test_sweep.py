@@ -49,7 +49,8 @@ def test_multirun_builds_the_run_tree_and_tags_the_best(sweep):
         assert run.data.metrics["val_acc"] == trial.value
     # every trial logs the same keys, so the parallel-coordinates plot keeps them all
     assert len({frozenset(r.data.params) for r in children}) == 1
-    assert len({frozenset(r.data.metrics) for r in children}) == 1
+    # (the best run also carries test_acc, from evaluating the published model)
+    assert len({frozenset(r.data.metrics) - {"test_acc"} for r in children}) == 1
 
     best = [r for r in children if r.data.tags.get("best_run") == "true"]
     assert len(best) == 1
