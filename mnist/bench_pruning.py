@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="folder with MNIST/raw/ (mnist_subset.py)")
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--pruners", default="none,hyperband", help="the first is the baseline")
+    parser.add_argument("--pruners", default="none,median", help="the first is the baseline")
     args = parser.parse_args()
     pruners = args.pruners.split(",")
     data = Path(args.data).resolve()

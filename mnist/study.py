@@ -26,10 +26,13 @@ SAMPLERS: dict[str, dict[str, Any]] = {
     "qmc": {"_target_": "optuna.samplers.QMCSampler"},
 }
 PRUNERS: dict[str, dict[str, Any]] = {
+    # the default: on real MNIST the first epoch already ranks trials well; replaying a seeded
+    # 12 x 6-epoch sweep, (2, 0) trained 47% fewer epochs than no pruner with the same best
+    # val_acc, where Optuna's own defaults (5, 0) saved 29% (mnist/bench_pruning.py measures it)
     "median": {
         "_target_": "optuna.pruners.MedianPruner",
-        "n_startup_trials": 5,  # trials that always finish, to learn what "median" is
-        "n_warmup_steps": 1,  # never prune on the first epoch alone
+        "n_startup_trials": 2,  # trials that always finish, to learn what "median" is
+        "n_warmup_steps": 0,  # may stop a trial after its first epoch
     },
     "percentile": {
         "_target_": "optuna.pruners.PercentilePruner",

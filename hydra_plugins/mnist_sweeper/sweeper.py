@@ -334,7 +334,7 @@ class MnistOptunaSweeper(Sweeper):
             for key, value in worker_id().items():
                 study._storage.set_trial_system_attr(trial._trial_id, f"worker_{key}", value)
             started = time.perf_counter()
-            state = self._run_trial(study, trial, fixed, parent, metric)
+            self._run_trial(study, trial, fixed, parent, metric)
             durations.append(time.perf_counter() - started)
             frozen = study.get_trials(deepcopy=False)[trial.number]
             counts = report.counts(study)
@@ -352,7 +352,6 @@ class MnistOptunaSweeper(Sweeper):
                 ),
                 flush=True,
             )
-            del state
 
     def _surplus(self, study: optuna.Study, trial: optuna.Trial) -> bool:
         """Another worker asked for the last trial at the same moment: give this one back."""
@@ -476,6 +475,18 @@ class MnistOptunaSweeper(Sweeper):
     # ---- the end -----------------------------------------------------------------------------
 
     def _finish(self, study, client, parent: str, base: DictConfig, tracking_uri: str) -> Any:
+        try:
+            return self._publish(study, client, parent, base, tracking_uri)
+        except BaseException as err:
+            # interrupted or broken while publishing: the parent must not stay RUNNING
+            status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+            tracking.end_run(
+                client, parent, status, {"sweep.state": f"{status.lower()} at the end"}
+            )
+            raise
+
+    def _publish(self, study, client, parent: str, base: DictConfig, tracking_uri: str) -> Any:
+        """Tag the best run, publish its model, report, end the parent run."""
         metric = base.metric
         best = report.best_trial(study)
         best_run_id = best.user_attrs.get("mlflow_run_id") if best else None
