@@ -39,16 +39,16 @@ class StudyRef:
 class EpochLogger(pl.Callback):
     """Logs acc/loss/val_acc/val_loss once per epoch (step = epoch) to the trial's MLflow run."""
 
-    KEYS = ("acc", "loss", "val_acc", "val_loss")
-
     def __init__(self, client, run_id: str) -> None:
         self.client, self.run_id = client, run_id
         self.epochs_logged = 0
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = {
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: MNISTClassifier) -> None:
+        # callbacks run before the module's own on_train_epoch_end: ask it for this epoch's means
+        metrics = pl_module.train_epoch_metrics()
+        metrics |= {
             k: trainer.callback_metrics[k].item()
-            for k in self.KEYS
+            for k in ("val_acc", "val_loss")
             if k in trainer.callback_metrics
         }
         tracking.log_metrics(self.client, self.run_id, metrics, step=trainer.current_epoch)
@@ -173,6 +173,7 @@ def run(
         if not math.isfinite(value):
             raise NonFiniteLossError(f"{cfg.metric} is {value} after training: the trial diverged")
         seconds = time.perf_counter() - started
+        tracking.log_metrics(client, run_id, {"train_seconds": seconds}, step=0)
         if pruning is not None and pruning.pruned_at_epoch is not None:
             tracking.end_run(
                 client,
@@ -183,7 +184,6 @@ def run(
             raise optuna.TrialPruned(
                 f"pruned at epoch {pruning.pruned_at_epoch} with {cfg.metric}={value:.4f}"
             )
-        tracking.log_metrics(client, run_id, {"train_seconds": seconds}, step=0)
         if trial is not None:  # the sweep publishes the best trial's own weights, not a rerun
             save_checkpoint(client, run_id, model)
         tracking.end_run(client, run_id, "FINISHED", {"optuna.state": "COMPLETE"} if trial else {})
