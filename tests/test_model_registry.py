@@ -95,6 +95,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_champion_is_served_over_http(sweep):
     assert_ok(sweep.run("hydra.sweeper.n_trials=1"))
     port = free_port()
@@ -132,6 +133,7 @@ def test_champion_is_served_over_http(sweep):
         server.stdout.close()
 
 
+@pytest.mark.slow
 def test_mlflow_project_runs_the_sweep(sweep):
     env = venv_env(MLFLOW_TRACKING_URI=f"sqlite:///{sweep.path}/projects.db")
     params = {

@@ -3,6 +3,7 @@
 import os
 
 import optuna
+import pytest
 from conftest import assert_ok, create_database
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -37,6 +38,7 @@ def check_one_sweep(study: optuna.Study, client: MlflowClient, n_trials: int) ->
     assert len(client.search_model_versions("name='mnist-cnn'")) == 1
 
 
+@pytest.mark.slow
 def test_three_workers_share_one_study_on_postgres_and_an_mlflow_server(
     sweep, postgres, mlflow_server
 ):

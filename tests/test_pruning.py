@@ -54,6 +54,7 @@ def test_bad_trials_are_pruned_in_process(sweep):
     assert "PRUNED" in proc.stdout and "pruned" in proc.stdout
 
 
+@pytest.mark.slow
 def test_pruning_reaches_a_job_in_another_process(sweep):
     # joblib's loky runs the job in a worker process: it opens the trial through the storage
     proc = sweep.run("hydra.sweeper.n_trials=4", "hydra/launcher=joblib", *PRUNABLE)
