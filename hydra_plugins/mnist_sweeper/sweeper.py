@@ -432,6 +432,13 @@ class MnistOptunaSweeper(Sweeper):
             except Exception:
                 log.warning("parent run %s is not in this MLflow store: starting a new one", run_id)
                 run_id = None
+        if run_id is None and not created:
+            # the study's creator died before recording its parent run: adopt the run it made
+            run_id = tracking.find_parent_run(client, experiment, self.study_name)
+            if run_id is not None:
+                study.set_user_attr(PARENT_ATTR, run_id)
+                tracking.reopen_run(client, run_id)
+                return run_id
         if run_id is None:
             run_id = tracking.start_run(
                 client,
