@@ -1,7 +1,9 @@
 """Benchmark on real MNIST: Lightning vs a hand-written loop, sweep overhead, 2-epoch val_acc.
 
-python ../shared/tools/mnist_subset.py bench-data   # 8k/2k real MNIST, torchvision layout
-python -m mnist.bench --data bench-data
+    python -m mnist.bench --data DIR
+
+DIR holds MNIST/raw/ in torchvision's layout: the data/ a sweep downloads into, or (as for the
+README's numbers) an 8k/2k real-MNIST subset written by the workspace's mnist_subset.py tool.
 """
 
 from __future__ import annotations
@@ -60,6 +62,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def run_sweep(data_root: Path, work: Path, name: str, *overrides: str, env=None) -> float:
+    """Run `sweep.py -m` on real MNIST with its stores in `work`; return its wall seconds."""
+    command = [
+        sys.executable,
+        str(REPO / "sweep.py"),
+        "-m",
+        f"data.root={data_root}",
+        "data.val_size=1000",
+        f"hydra.sweeper.study_name={name}",
+        f"hydra.sweeper.storage=sqlite:///{work}/optuna.db",
+        f"hydra.sweep.dir={work}/{name}",
+        f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
+        f"mlflow.experiment_name={name}",
+        *overrides,
+    ]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=work, env=env)
+    return time.perf_counter() - start
+
+
 def sweep_overheads(data_root: Path, work: Path, n_trials: int) -> tuple[float, list[float]]:
     """Run one sweep; return its wall time and, per trial, the time spent outside training.
 
@@ -67,27 +89,16 @@ def sweep_overheads(data_root: Path, work: Path, n_trials: int) -> tuple[float, 
     its job spent in Trainer.fit: the sweeper's ask/tell, composing the job config, opening the
     trial, creating and closing the MLflow run, the checkpoint artifact, the progress line.
     """
-    uri = f"sqlite:///{work}/mlflow.db"
-    storage = f"sqlite:///{work}/optuna.db"
-    command = [
-        sys.executable,
-        str(REPO / "sweep.py"),
-        "-m",
-        f"data.root={data_root}",
-        "data.val_size=1000",
+    wall = run_sweep(
+        data_root,
+        work,
+        "overhead",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=20",
         "hydra.sweeper.pruner=null",  # every trial trains the same number of batches
         f"hydra.sweeper.n_trials={n_trials}",
-        "hydra.sweeper.study_name=overhead",
-        f"hydra.sweeper.storage={storage}",
-        f"hydra.sweep.dir={work}/overhead",
-        f"mlflow.tracking_uri={uri}",
-        "mlflow.experiment_name=overhead",
-    ]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, cwd=work)
-    wall = time.perf_counter() - start
+    )
+    uri, storage = f"sqlite:///{work}/mlflow.db", f"sqlite:///{work}/optuna.db"
     client = MlflowClient(uri)
     trials = optuna.load_study(study_name="overhead", storage=storage).get_trials()
     overheads = []
@@ -100,7 +111,7 @@ def sweep_overheads(data_root: Path, work: Path, n_trials: int) -> tuple[float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="folder with MNIST/raw/ (mnist_subset.py)")
+    parser.add_argument("--data", required=True, help="folder with MNIST/raw/")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--accelerator", default="auto")
     args = parser.parse_args()

@@ -1,49 +1,38 @@
 """Parallel benchmark: trials per hour, 1 worker x 2 threads against 2 workers x 1 thread.
 
-python ../shared/tools/mnist_subset.py bench-data
-python -m mnist.bench_parallel --data bench-data [--trials 6 --epochs 2]
+    python -m mnist.bench_parallel --data DIR [--trials 6 --epochs 2]
+
+DIR holds MNIST/raw/ in torchvision's layout: the data/ a sweep downloads into, or (as for the
+README's numbers) an 8k/2k real-MNIST subset written by the workspace's mnist_subset.py tool.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from mnist.bench import run_sweep
 
 
 def sweep_wall(data: Path, work: Path, n_jobs: int, threads: int, trials: int, epochs: int):
-    name = f"jobs{n_jobs}"
-    command = [
-        sys.executable,
-        str(REPO / "sweep.py"),
-        "-m",
-        f"data.root={data}",
-        "data.val_size=1000",
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return run_sweep(
+        data,
+        work,
+        f"jobs{n_jobs}",
         f"trainer.max_epochs={epochs}",
         f"hydra.sweeper.n_trials={trials}",
         f"hydra.sweeper.n_jobs={n_jobs}",
         "hydra.sweeper.pruner=null",  # the same work in both runs
-        f"hydra.sweeper.study_name={name}",
-        f"hydra.sweeper.storage=sqlite:///{work}/optuna.db",
-        f"hydra.sweep.dir={work}/{name}",
-        f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
-        f"mlflow.experiment_name={name}",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, cwd=work, env=env)
-    return time.perf_counter() - start
+        env=env,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="folder with MNIST/raw/ (mnist_subset.py)")
+    parser.add_argument("--data", required=True, help="folder with MNIST/raw/")
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()

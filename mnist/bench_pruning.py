@@ -1,45 +1,34 @@
 """Pruning benchmark: the same seeded sweep without a pruner and with one, on real MNIST.
 
-python ../shared/tools/mnist_subset.py bench-data
-python -m mnist.bench_pruning --data bench-data [--trials 12 --epochs 6 --pruners none,hyperband]
+    python -m mnist.bench_pruning --data DIR [--trials 12 --epochs 6]
+
+DIR holds MNIST/raw/ in torchvision's layout: the data/ a sweep downloads into, or (as for the
+README's numbers) an 8k/2k real-MNIST subset written by the workspace's mnist_subset.py tool.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-REPO = Path(__file__).resolve().parent.parent
+from mnist.bench import run_sweep
 
 
-def run_sweep(data: Path, work: Path, pruner: str, trials: int, epochs: int) -> dict:
+def pruned_sweep(data: Path, work: Path, pruner: str, trials: int, epochs: int) -> dict:
     name = f"prune-{pruner}"
     storage = f"sqlite:///{work}/optuna.db"
-    command = [
-        sys.executable,
-        str(REPO / "sweep.py"),
-        "-m",
-        f"data.root={data}",
-        "data.val_size=1000",
+    wall = run_sweep(
+        data,
+        work,
+        name,
         f"trainer.max_epochs={epochs}",
         f"hydra.sweeper.n_trials={trials}",
         f"hydra/sweeper/pruner={pruner}",
-        f"hydra.sweeper.study_name={name}",
-        f"hydra.sweeper.storage={storage}",
-        f"hydra.sweep.dir={work}/{name}",
-        f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
-        f"mlflow.experiment_name={name}",
-    ]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, cwd=work)
-    wall = time.perf_counter() - start
+    )
     study = optuna.load_study(study_name=name, storage=storage)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     return {
@@ -53,7 +42,7 @@ def run_sweep(data: Path, work: Path, pruner: str, trials: int, epochs: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="folder with MNIST/raw/ (mnist_subset.py)")
+    parser.add_argument("--data", required=True, help="folder with MNIST/raw/")
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--pruners", default="none,median", help="the first is the baseline")
@@ -61,7 +50,7 @@ def main() -> None:
     pruners = args.pruners.split(",")
     data = Path(args.data).resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_sweep(data, Path(tmp), p, args.trials, args.epochs) for p in pruners]
+        results = [pruned_sweep(data, Path(tmp), p, args.trials, args.epochs) for p in pruners]
     base = results[0]
     print(f"{args.trials} trials, up to {args.epochs} epochs, TPE seed 42, {data}")
     print(f"{'pruner':<20}{'epochs':>8}{'saved':>8}{'pruned':>8}{'wall s':>9}{'best val_acc':>14}")

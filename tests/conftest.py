@@ -104,6 +104,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_http(url: str, server: subprocess.Popen, output, timeout: float = 180) -> None:
+    """Block until `url` answers; fail with the server's output if it exits or stays silent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"the server exited:\n{output()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{url} did not answer in {timeout:.0f} s")
+            time.sleep(1)
+
+
 def _postgres_bin() -> Path | None:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     return found[-1].parent if found else None
@@ -172,17 +187,7 @@ def mlflow_server(postgres, tmp_path):
             env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                if server.poll() is not None:
-                    pytest.fail(f"mlflow server exited:\n{log_path.read_text()}")
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        pytest.fail("mlflow server did not answer /health in 180 s")
-                    time.sleep(1)
+            wait_for_http(f"{url}/health", server, lambda: log_path.read_text())
             yield url
         finally:
             os.killpg(server.pid, signal.SIGTERM)

@@ -6,14 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_ok
+from conftest import REPO, assert_ok, wait_for_http
 from fake_mnist import patterns
 from mlflow.tracking import MlflowClient
 
@@ -107,16 +106,9 @@ def test_champion_is_served_over_http(sweep):
         start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("mlflow models serve did not answer /ping in 180 s")
-                time.sleep(1)
+        wait_for_http(
+            f"http://127.0.0.1:{port}/ping", server, lambda: server.stdout.read().decode()
+        )
         images, labels = digits()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
