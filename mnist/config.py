@@ -45,14 +45,6 @@ class MLflowConfig:
 
 
 @dataclass
-class TrialConfig:
-    # set by the sweeper for each job; empty for a single run without -m
-    number: int | None = None
-    id: int | None = None
-    parent_run_id: str | None = None
-
-
-@dataclass
 class AppConfig:
     seed: int = MISSING
     metric: str = MISSING  # the validation metric the study optimises: val_acc or val_loss
@@ -60,7 +52,6 @@ class AppConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
-    trial: TrialConfig = field(default_factory=TrialConfig)
 
 
 METRICS = {"val_acc": "maximize", "val_loss": "minimize"}
@@ -68,6 +59,12 @@ METRICS = {"val_acc": "maximize", "val_loss": "minimize"}
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="app_schema", node=AppConfig)
+    # the sweep's direction follows `metric` (conf/sweep/optuna.yaml)
+    OmegaConf.register_new_resolver("direction_of", direction_of, replace=True)
+
+
+def direction_of(metric: str) -> str:
+    return METRICS.get(metric, "maximize")
 
 
 class ConfigValueError(UserFacingError, ValueError):
@@ -87,13 +84,31 @@ def check_config(cfg: DictConfig | AppConfig) -> None:
         problems.append(f"data.val_size={cfg.data.val_size} must be >= 1")
     if cfg.trainer.max_epochs < 1:
         problems.append(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+    if cfg.trainer.limit_train_batches == 0:
+        problems.append("trainer.limit_train_batches=0 trains nothing: use a fraction or a count")
+    if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices != 1:
+        # trials are the unit of parallelism: several devices would make Lightning start copies
+        # of the whole command (its multi-process strategy)
+        problems.append(
+            f"trainer.devices={cfg.trainer.devices}: a trial trains on one device; run trials in "
+            f"parallel with hydra.sweeper.n_jobs instead"
+        )
     if cfg.metric not in METRICS:
         problems.append(f"metric={cfg.metric!r} must be one of {', '.join(METRICS)}")
     if problems:
         raise ConfigValueError("; ".join(problems))
 
 
-def flatten(cfg: DictConfig, skip: tuple[str, ...] = ("trial",)) -> dict[str, Any]:
+def preflight(cfg: DictConfig) -> None:
+    """The sweep's check hook: values that cannot train, and the data they need."""
+    from mnist.data import check_sizes, ensure_mnist
+
+    check_config(cfg)
+    root = ensure_mnist(cfg.data.root, download=cfg.data.download)
+    check_sizes(root, cfg.data.batch_size, cfg.data.val_size)
+
+
+def flatten(cfg: DictConfig, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The resolved config as dotted keys, e.g. {'model.lr': 0.001}."""
     out: dict[str, Any] = {}
 

@@ -52,6 +52,25 @@ def ensure_mnist(root: str | Path, download: bool = True) -> Path:
     )
 
 
+def check_sizes(folder: Path, batch_size: int, val_size: int) -> None:
+    """val_size and batch_size against the training set's size, read from the IDX header."""
+    try:
+        with open(Path(folder) / RAW_FILES[1], "rb") as labels:
+            n = int.from_bytes(labels.read(8)[4:8], "big")
+    except OSError:
+        return  # reading the data will say what is wrong with it
+    if not 0 < val_size < n:
+        raise ConfigValueError(
+            f"data.val_size={val_size} must be between 1 and {n - 1}: the training set in "
+            f"{folder} has {n} images"
+        )
+    if batch_size > n - val_size:
+        raise ConfigValueError(
+            f"data.batch_size={batch_size} is larger than the {n - val_size} training images "
+            f"left after data.val_size={val_size}: lower it"
+        )
+
+
 class MNISTCorruptError(UserFacingError, ValueError):
     """The MNIST files exist but cannot be read."""
 

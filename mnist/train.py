@@ -1,47 +1,38 @@
-"""One trial: train the CNN with the config's values, log it as an MLflow run, return the metric."""
+"""One training run of the CNN: logs to its MLflow run, reports epochs, returns the metric.
+
+In a sweep the sweeper hands the run over (MLFLOW_RUN_ID) and `mlflow.start_run()` resumes it;
+without one, this makes its own run. Either way this module knows MLflow, not the sweeper,
+except for the per-epoch report that lets a sweep prune.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import optuna
+import mlflow
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from mnist import tracking
+from hydra_plugins.mlflow_optuna_sweeper.job import PruningCallback, current_trial
 from mnist.config import check_config, flatten
 from mnist.data import ensure_mnist, load_mnist
 from mnist.model import MNISTClassifier, NonFiniteLossError
-from mnist.registry import save_checkpoint
-from mnist.study import job_trial
+from mnist.publish import save_checkpoint
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; nothing for users to act on
 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", module="pytorch_lightning")
 
 
-@dataclass
-class StudyRef:
-    """Where a job finds its study: the sweeper's settings, as Hydra passes them to each job."""
-
-    name: str
-    storage: str | None
-    pruner: Any
-
-
 class EpochLogger(pl.Callback):
-    """Logs acc/loss/val_acc/val_loss once per epoch (step = epoch) to the trial's MLflow run."""
-
-    def __init__(self, client, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
-        self.epochs_logged = 0
+    """Logs acc/loss/val_acc/val_loss once per epoch (step = epoch) to the active MLflow run."""
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: MNISTClassifier) -> None:
         # callbacks run before the module's own on_train_epoch_end: ask it for this epoch's means
@@ -51,28 +42,7 @@ class EpochLogger(pl.Callback):
             for k in ("val_acc", "val_loss")
             if k in trainer.callback_metrics
         }
-        tracking.log_metrics(self.client, self.run_id, metrics, step=trainer.current_epoch)
-        self.epochs_logged += 1
-
-
-class PruningCheck(pl.Callback):
-    """Reports the metric to Optuna after each validation; stops training when told to prune."""
-
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
-        self.trial, self.metric = trial, metric
-        self.pruned_at_epoch: int | None = None
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
-            return
-        value = trainer.callback_metrics[self.metric].item()
-        if not math.isfinite(value):
-            return  # the run fails as diverged; a NaN must not reach the pruner's statistics
-        epoch = trainer.current_epoch
-        self.trial.report(value, step=epoch)
-        if self.trial.should_prune():
-            self.pruned_at_epoch = epoch
-            trainer.should_stop = True  # this epoch still ends, so its metrics are logged
+        mlflow.log_metrics(metrics, step=trainer.current_epoch)
 
 
 def pick_device(accelerator: str) -> torch.device:
@@ -106,103 +76,76 @@ def build_trainer(
     )
 
 
-def run(
-    cfg: DictConfig,
-    study: StudyRef | None = None,
-    in_sweep: bool = False,
-    start_dir: str | Path | None = None,
-) -> float:
+def tracking_uri(cfg: DictConfig, start_dir: Path) -> str:
+    uri = cfg.mlflow.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((start_dir / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def run(cfg: DictConfig, start_dir: str | Path | None = None) -> float:
     """Train once with cfg, log to MLflow, return cfg.metric of the last epoch.
 
-    In a sweep (cfg.trial set by the sweeper) the run is a child of the sweep's parent run and
-    the metric is reported to the Optuna trial after every epoch, which may prune it.
     Relative paths (data.root, a sqlite tracking URI) resolve against start_dir (default: cwd).
     """
     start_dir = Path(start_dir or Path.cwd())
     check_config(cfg)
+    in_sweep = current_trial() is not None
     verbose = (not in_sweep) if cfg.trainer.verbose is None else bool(cfg.trainer.verbose)
     quiet_lightning(not verbose)
     pl.seed_everything(cfg.seed, verbose=verbose)
     device = pick_device(cfg.trainer.accelerator)
     # missing data is the user's to fix: say so before any run exists
     ensure_mnist(start_dir / cfg.data.root, download=cfg.data.download)
-    client = tracking.connect(tracking.absolute_uri(cfg.mlflow.tracking_uri, start_dir))
-    experiment = tracking.experiment_id(client, cfg.mlflow.experiment_name)
-
-    trial = None
-    tags = {"sweep.role": tracking.TRIAL_ROLE if cfg.trial.number is not None else "run"}
-    if cfg.trial.number is not None:
-        assert study is not None, "a sweep job needs the study's name and storage"
-        trial = job_trial(study.name, study.storage, study.pruner, cfg.trial.id)
-        tags |= {
-            "optuna.study_name": study.name,
-            "optuna.trial_number": str(cfg.trial.number),
-            "optuna.state": "RUNNING",
-        }
-    name = f"trial-{cfg.trial.number}" if trial is not None else "single-run"
-    run_id = tracking.start_run(
-        client, experiment, name, flatten(cfg), tags, parent_run_id=cfg.trial.parent_run_id
-    )
-    if trial is not None:
-        trial.set_user_attr("mlflow_run_id", run_id)
-
-    logger_cb = EpochLogger(client, run_id)
-    pruning = PruningCheck(trial, cfg.metric) if trial is not None else None
-    started = time.perf_counter()
-    try:
-        data = load_mnist(
-            start_dir / cfg.data.root,
-            batch_size=cfg.data.batch_size,
-            val_size=cfg.data.val_size,
-            seed=cfg.seed,
-            device=device,
-            download=False,
+    if not in_sweep:  # a sweep hands over its tracking URI, experiment and run
+        mlflow.set_tracking_uri(
+            os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(cfg, start_dir)
         )
-        model = MNISTClassifier(dropout=cfg.model.dropout, lr=cfg.model.lr)
-        trainer = build_trainer(
-            device,
-            callbacks=[logger_cb] + ([pruning] if pruning else []),
-            verbose=verbose,
-            max_epochs=cfg.trainer.max_epochs,
-            devices=cfg.trainer.devices,
-            limit_train_batches=cfg.trainer.limit_train_batches,
-            deterministic=cfg.trainer.deterministic,
-        )
-        trainer.fit(model, train_dataloaders=data.train, val_dataloaders=data.val)
-        value = trainer.callback_metrics[cfg.metric].item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"{cfg.metric} is {value} after training: the trial diverged")
-        seconds = time.perf_counter() - started
-        tracking.log_metrics(client, run_id, {"train_seconds": seconds}, step=0)
-        if pruning is not None and pruning.pruned_at_epoch is not None:
-            tracking.end_run(
-                client,
-                run_id,
-                "KILLED",
-                {"optuna.state": "PRUNED", "pruned_at_epoch": pruning.pruned_at_epoch},
-            )
-            raise optuna.TrialPruned(
-                f"pruned at epoch {pruning.pruned_at_epoch} with {cfg.metric}={value:.4f}"
-            )
-        if trial is not None:  # the sweep publishes the best trial's own weights, not a rerun
-            save_checkpoint(client, run_id, model)
-        tracking.end_run(client, run_id, "FINISHED", {"optuna.state": "COMPLETE"} if trial else {})
+        mlflow.set_experiment(cfg.mlflow.experiment_name)
+
+    with mlflow.start_run(run_name=None if in_sweep else "single-run") as active:
+        # the tracking URI may hold a password: it is where runs go, not a trait of this one
+        skip = set(active.data.params) | {"mlflow.tracking_uri"}
+        mlflow.log_params({k: v for k, v in flatten(cfg).items() if k not in skip})
+        if not in_sweep:
+            mlflow.set_tag("sweep.role", "run")
+        pruning = PruningCallback(cfg.metric)
+        started = time.perf_counter()
+        try:
+            value, model = train(cfg, start_dir, device, [EpochLogger(), pruning], verbose)
+        except Exception as err:
+            mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
+            raise
+        mlflow.log_metric("train_seconds", time.perf_counter() - started, step=0)
+        if pruning.pruned_at_epoch is None:  # the sweep publishes a trial's own weights
+            save_checkpoint(active.info.run_id, model)
         return value
-    except optuna.TrialPruned:
-        raise
-    except Exception as err:
-        tracking.end_run(
-            client,
-            run_id,
-            "FAILED",
-            {"optuna.state": "FAIL", "failure_reason": f"{type(err).__name__}: {err}"},
-        )
-        raise
-    except BaseException as err:  # Ctrl-C (Lightning turns it into SystemExit) or a kill signal
-        tracking.end_run(
-            client,
-            run_id,
-            "KILLED",
-            {"optuna.state": "FAIL", "failure_reason": f"interrupted ({type(err).__name__})"},
-        )
-        raise
+
+
+def train(
+    cfg: DictConfig, start_dir: Path, device: torch.device, callbacks: list, verbose: bool
+) -> tuple[float, MNISTClassifier]:
+    data = load_mnist(
+        start_dir / cfg.data.root,
+        batch_size=cfg.data.batch_size,
+        val_size=cfg.data.val_size,
+        seed=cfg.seed,
+        device=device,
+        download=False,
+    )
+    model = MNISTClassifier(dropout=cfg.model.dropout, lr=cfg.model.lr)
+    trainer = build_trainer(
+        device,
+        callbacks=callbacks,
+        verbose=verbose,
+        max_epochs=cfg.trainer.max_epochs,
+        devices=cfg.trainer.devices,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        deterministic=cfg.trainer.deterministic,
+    )
+    trainer.fit(model, train_dataloaders=data.train, val_dataloaders=data.val)
+    value = trainer.callback_metrics[cfg.metric].item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"{cfg.metric} is {value} after training: the trial diverged")
+    return value, model

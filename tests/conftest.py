@@ -51,25 +51,31 @@ class SweepDir:
             *overrides,
         ]
 
-    def env(self) -> dict[str, str]:
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         # two cores: keep torch from oversubscribing them when tests run beside each other
-        return dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+        return dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", **(extra or {}))
 
-    def run(self, *overrides: str, multirun: bool = True, timeout: float = 600):
+    def run(
+        self,
+        *overrides: str,
+        multirun: bool = True,
+        timeout: float = 600,
+        env: dict[str, str] | None = None,
+    ):
         return subprocess.run(
             self.command(*overrides, multirun=multirun),
             cwd=self.path,
-            env=self.env(),
+            env=self.env(env),
             capture_output=True,
             text=True,
             timeout=timeout,
         )
 
-    def popen(self, *overrides: str) -> subprocess.Popen:
+    def popen(self, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         return subprocess.Popen(
             self.command(*overrides),
             cwd=self.path,
-            env=self.env(),
+            env=self.env(env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -90,6 +96,14 @@ class SweepDir:
 @pytest.fixture
 def sweep(tmp_path, mnist_root) -> SweepDir:
     return SweepDir(tmp_path, mnist_root)
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """The toy app (tests/toy_app) with its stores in tmp_path."""
+    from toy_sweep import ToySweep
+
+    return ToySweep(tmp_path)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -26,11 +26,15 @@ def test_defaults():
     assert cfg.trainer.accelerator == "auto"
     assert cfg.mlflow.tracking_uri == "sqlite:///mlflow.db"
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("MnistOptunaSweeper")
+    assert sweeper._target_.endswith("MlflowOptunaSweeper")
     assert sweeper.n_trials == 20 and sweeper.direction == "maximize"
     assert sweeper.storage == "sqlite:///optuna.db"
-    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
-    assert sweeper.sampler.seed == 42  # follows `seed`
+    assert sweeper.sampler == "tpe" and sweeper.pruner == "median"
+    # the app feeds the sweeper from its own keys
+    assert sweeper.seed == 42 and sweeper.metric == "val_acc"
+    assert sweeper.tracking_uri == "sqlite:///mlflow.db"
+    assert sweeper.experiment_name == "mnist-sweep"
+    assert sweeper.registry.name == "mnist-cnn" and sweeper.registry.metric == "test_acc"
     assert dict(sweeper.params) == {
         "model.dropout": "interval(0.0, 0.5)",
         "model.lr": "tag(log, interval(1e-4, 1e-2))",
@@ -52,6 +56,8 @@ def test_typo_in_an_override_is_an_error(override):
         ("model.lr=0", "model.lr=0.0 must be > 0"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0 must be >= 1"),
         ("metric=acc", "metric='acc' must be one of val_acc, val_loss"),
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains nothing"),
+        ("trainer.devices=2", "a trial trains on one device"),
     ],
 )
 def test_values_that_cannot_train(override, message):
@@ -59,8 +65,12 @@ def test_values_that_cannot_train(override, message):
         check_config(load(override))
 
 
-def test_flatten_gives_dotted_keys_and_skips_the_trial_context():
-    flat = flatten(load("trial.number=3"))
+def test_flatten_gives_dotted_keys():
+    flat = flatten(load())
     assert flat["model.lr"] == 1e-3 and flat["data.batch_size"] == 64
-    assert not any(key.startswith("trial.") for key in flat)
     assert OmegaConf.is_config(load())
+
+
+def test_the_direction_follows_the_metric():
+    assert load("metric=val_loss", hydra=True).hydra.sweeper.direction == "minimize"
+    assert load(hydra=True).hydra.sweeper.direction == "maximize"

@@ -54,10 +54,15 @@ def test_three_workers_share_one_study_on_postgres_and_an_mlflow_server(
     for worker, out in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, out
     assert sum("<- best" in out for out in outputs) == 1  # one worker ended the sweep
+    # and each of the others says so: the study is finished, the end done or under way
+    assert all(
+        "<- best" in out or "is ending the sweep now" in out or "ended it" in out for out in outputs
+    )
     rdb = optuna.storages.RDBStorage(storage)
     try:
         study = optuna.load_study(study_name="mnist-cnn", storage=rdb)
         check_one_sweep(study, MlflowClient(mlflow_server), n_trials=6)
+        assert optuna.get_all_study_names(rdb) == ["mnist-cnn"]
         pids = {t.system_attrs["worker_pid"] for t in study.get_trials()}
         assert len(pids) >= 2  # the work was really shared
     finally:
@@ -76,6 +81,7 @@ def test_two_local_workers_on_sqlite(sweep):
     assert "database is locked" not in proc.stdout + proc.stderr
     study = sweep.study()
     check_one_sweep(study, sweep.client(), n_trials=6)
+    assert optuna.get_all_study_names(sweep.storage) == ["mnist-cnn"]  # no helper studies
     # the second worker does not repeat the first one's seeded sequence
     params = [tuple(sorted(t.params.items())) for t in study.get_trials()]
     assert len(set(params)) == len(params)

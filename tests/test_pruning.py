@@ -10,9 +10,8 @@ from conftest import assert_ok
 PRUNABLE = (
     "trainer.max_epochs=3",
     "model.lr=choice(0.001, 0.5)",
-    "hydra/sweeper/sampler=random",
-    "hydra.sweeper.pruner.n_startup_trials=1",
-    "hydra.sweeper.pruner.n_warmup_steps=0",
+    "hydra.sweeper.sampler=random",
+    "hydra.sweeper.pruner={name: median, n_startup_trials: 1, n_warmup_steps: 0}",
 )
 
 
@@ -73,7 +72,7 @@ def test_memory_storage_with_an_out_of_process_launcher_is_refused(sweep):
     "override, pruner",
     [
         ("hydra.sweeper.pruner=hyperband", "HyperbandPruner"),
-        ("hydra/sweeper/pruner=successive_halving", "SuccessiveHalvingPruner"),
+        ("hydra.sweeper.pruner=successive_halving", "SuccessiveHalvingPruner"),
         ("hydra.sweeper.pruner=null", "NopPruner"),
     ],
 )
@@ -89,7 +88,7 @@ def test_pruner_chosen_on_the_command_line(sweep, override, pruner):
     [
         ("hydra.sweeper.pruner=medain", "'medain' is not known: use one of median"),
         ("hydra.sweeper.sampler=tpee", "'tpee' is not known: use one of tpe"),
-        ("hydra.sweeper.pruner.n_startup_trial=2", "n_startup_trial"),
+        ("hydra.sweeper.pruner={name: median, n_startup_trial: 2}", "n_startup_trial"),
     ],
 )
 def test_bad_pruner_or_sampler_fails_before_any_trial(sweep, override, message):

@@ -8,8 +8,8 @@ import signal
 import socket
 import time
 
-import optuna
 import pytest
+import yaml
 from conftest import assert_ok
 from fake_mnist import write_mnist
 from optuna.trial import TrialState
@@ -18,25 +18,16 @@ from optuna.trial import TrialState
 STEADY = ("hydra.sweeper.pruner=null", "trainer.max_epochs=4")
 
 
-def wait_for_training(sweep, proc, number: int, timeout: float = 240) -> None:
-    """Block until trial `number` is training (RUNNING, with its child run created)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def paused_at(sweep, point: str, *overrides: str):
+    """Start the sweep; return it once it waits at fault point `point` (see _faults.py)."""
+    marker = sweep.path / "paused"
+    proc = sweep.popen(*overrides, env={"SWEEP_PAUSE_AT": point, "SWEEP_PAUSE_FILE": str(marker)})
+    deadline = time.monotonic() + 300
+    while not marker.exists():
         assert proc.poll() is None, proc.stdout.read()
-        try:
-            trials = sweep.study().get_trials()
-        except (KeyError, optuna.exceptions.StorageInternalError):
-            trials = []  # the study does not exist yet
-        for t in trials:
-            if (
-                t.number == number
-                and t.state == TrialState.RUNNING
-                and "mlflow_run_id" in t.user_attrs
-            ):
-                time.sleep(1.0)  # into the epochs, not the run's creation
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"trial {number} never started training")
+        assert time.monotonic() < deadline, f"the sweep never reached {point}"
+        time.sleep(0.2)
+    return proc
 
 
 def assert_nothing_running(sweep):
@@ -71,33 +62,42 @@ def check_resumed(sweep, interrupted: int, n_trials: int, child_status: str) -> 
     # one job folder per trial number: the resumed sweep wrote new ones beside the old ones
     dirs = sorted(int(p.name.split("-")[1]) for p in sweep.sweep_dir.glob("trial-*"))
     assert dirs == [t.number for t in trials]
-    overrides = (sweep.sweep_dir / "trial-0" / ".hydra" / "overrides.yaml").read_text()
-    assert "trial.number=0" in overrides
+    # each job was handed its trial and run through hydra.job.env_set
+    hydra_cfg = yaml.safe_load((sweep.sweep_dir / "trial-0" / ".hydra" / "hydra.yaml").read_text())
+    env_set = hydra_cfg["hydra"]["job"]["env_set"]
+    assert env_set["SWEEP_TRIAL_NUMBER"] == "0"
+    assert env_set["MLFLOW_RUN_ID"] == trials[0].user_attrs["mlflow_run_id"]
+
+
+# 4 epochs per trial: the 6th epoch report is trial 1's second epoch, in the middle of training
+TRIAL_1_MID_TRAINING = "epoch-reported:6"
 
 
 def test_killed_mid_trial_resumes(sweep):
-    proc = sweep.popen("hydra.sweeper.n_trials=3", *STEADY)
-    wait_for_training(sweep, proc, 1)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    proc = sweep.run(
+        "hydra.sweeper.n_trials=3", *STEADY, env={"SWEEP_CRASH_AT": TRIAL_1_MID_TRAINING}
+    )
+    assert proc.returncode == -signal.SIGKILL
     assert sweep.study().get_trials()[1].state == TrialState.RUNNING  # what a crash leaves
 
     resumed = sweep.run("hydra.sweeper.n_trials=3", *STEADY)
     assert_ok(resumed)
-    assert "left running by a worker that died" in resumed.stderr + resumed.stdout
+    assert "trial 1 is marked FAIL: its worker" in resumed.stderr + resumed.stdout
     check_resumed(sweep, interrupted=1, n_trials=3, child_status="FAILED")
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(sweep):
-    proc = sweep.popen("hydra.sweeper.n_trials=3", *STEADY)
-    wait_for_training(sweep, proc, 1)
-    proc.send_signal(signal.SIGINT)
+@pytest.mark.parametrize(
+    "sig, code, why", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")]
+)
+def test_ctrl_c_or_sigterm_stops_cleanly_and_resumes(sweep, sig, code, why):
+    proc = paused_at(sweep, TRIAL_1_MID_TRAINING, "hydra.sweeper.n_trials=3", *STEADY)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out
+    assert proc.returncode == code, out
     assert "Resume with the same command" in out
-    assert "sweep.py -m" in out
     study = sweep.study()
     assert study.get_trials()[1].state == TrialState.FAIL
+    assert why in study.get_trials()[1].user_attrs["fail_reason"]
     (parent,) = [r for r in sweep.runs() if r.data.tags.get("sweep.role") == "sweep"]
     assert parent.info.status == "KILLED"
     assert_nothing_running(sweep)
@@ -114,7 +114,7 @@ def test_failing_and_diverging_trials_do_not_stop_the_sweep(sweep, tmp_path):
     proc = sweep.run(
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.max_failure_rate=1.0",
-        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler=random",
         "hydra.sweeper.pruner=null",
         "trainer.max_epochs=2",
         # 1e6 makes the loss NaN within two steps; the broken folder makes reading fail
@@ -172,10 +172,12 @@ def test_too_many_failures_stop_the_sweep_with_every_run_closed(sweep):
             "model.dropout=1.5 must be in [0, 1)",
         ),
         ("hydra.sweeper.params.model.lr=tag(log, interval(0, 0.1))", "model.lr"),
-        ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0 must be a whole number >= 1"),
-        ("hydra.sweeper.n_trials=-3", "must be a whole number >= 1"),
+        ("hydra.sweeper.n_trials=0", "n_trials=0 must be a whole number from 1 to 1000000"),
+        ("hydra.sweeper.n_trials=-3", "must be a whole number from 1"),
         ("hydra.sweeper.max_failure_rate=2", "max_failure_rate=2.0 must be in [0, 1]"),
-        ("hydra.sweeper.direction=minimize", "set hydra.sweeper.direction=maximize"),
+        ("trainer.devices=2", "a trial trains on one device"),
+        ("data.batch_size=10000", "data.batch_size=10000 is larger than the 500 training images"),
+        ("data.val_size=600", "data.val_size=600 must be between 1 and 599"),
         ("hydra.sweeper.params.model.lrr=interval(0.1, 0.2)", "no key 'model.lrr'"),
     ],
 )

@@ -4,8 +4,10 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from hydra_plugins.mnist_sweeper.search_space import parse, quote_cli_params
-from mnist.study import SweepConfigError, make_pruner, make_sampler
+from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError
+from hydra_plugins.mlflow_optuna_sweeper._space import parse
+from hydra_plugins.mlflow_optuna_sweeper._study import make_pruner, make_sampler
+from hydra_plugins.mlflow_optuna_sweeper.cli import quote_search_space_args
 
 
 @pytest.mark.parametrize(
@@ -47,7 +49,7 @@ def test_bad_search_space_is_a_clear_error(expr, message):
 
 def test_cli_params_are_quoted_for_hydra():
     argv = ["hydra.sweeper.params.model.lr=tag(log, interval(1e-4, 1e-1))", "model.dropout=0.2"]
-    assert quote_cli_params(argv) == [
+    assert quote_search_space_args(argv) == [
         "++hydra.sweeper.params.model.lr='tag(log, interval(1e-4, 1e-1))'",
         "model.dropout=0.2",
     ]
@@ -61,7 +63,7 @@ def test_samplers_by_name(name):
 def test_grid_sampler_needs_finite_values():
     space, _ = parse({"a": "choice(1, 2)", "b": "range(0, 3)"}, [])
     sampler = make_sampler("grid", seed=None, search_space=space)
-    assert isinstance(sampler, optuna.samplers.GridSampler)
+    assert isinstance(sampler, optuna.samplers.GridSampler) and sampler.size == 6
     with pytest.raises(SweepConfigError, match="grid sampler"):
         make_sampler("grid", seed=None, search_space=parse({"a": "interval(0, 1.5)"}, [])[0])
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
+
+IMPORTED = "imported_from"  # a trial of an earlier study, given to the sampler (see _warm.py)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -57,8 +59,37 @@ def progress_line(
     )
 
 
+class EpochProgress:
+    """One line per reported epoch: rewritten in place on a terminal, appended otherwise."""
+
+    def __init__(self, metric: str, stream=None) -> None:
+        self.metric = metric
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.sweep_left: float | None = None  # set by the loop from the trials so far
+        self.started = time.monotonic()
+
+    def __call__(self, number: int, value: float, step: int, total: int | None, prune: bool):
+        of = f"/{total}" if total else ""
+        left = f" | sweep ~{duration(self.sweep_left)} left" if self.sweep_left else ""
+        line = (
+            f"[trial {number}] epoch {step + 1}{of} | {self.metric}={value:.4f}"
+            f"{' | pruned' if prune else ''}{left}"
+        )
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
 def counts(study: optuna.Study) -> dict[str, int]:
-    out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0}
+    out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "imported": 0}
     names = {
         TrialState.COMPLETE: "complete",
         TrialState.PRUNED: "pruned",
@@ -67,7 +98,7 @@ def counts(study: optuna.Study) -> dict[str, int]:
         TrialState.WAITING: "running",
     }
     for trial in study.get_trials(deepcopy=False):
-        out[names[trial.state]] += 1
+        out["imported" if IMPORTED in trial.user_attrs else names[trial.state]] += 1
     return out
 
 
@@ -76,7 +107,7 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     complete = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and math.isfinite(t.value)
+        if t.value is not None and math.isfinite(t.value) and IMPORTED not in t.user_attrs
     ]
     if not complete:
         return None
@@ -100,7 +131,7 @@ def table(study: optuna.Study, metric: str) -> str:
                 str(t.number),
                 *[short(t.params[k]) if k in t.params else "-" for k in keys],
                 f"{value:.4f}" if value is not None else "-",
-                t.state.name,
+                "IMPORTED" if IMPORTED in t.user_attrs else t.state.name,
                 f"{seconds:.1f}" if seconds is not None else "-",
                 "<- best" if best is not None and t.number == best.number else "",
             ]
@@ -108,52 +139,6 @@ def table(study: optuna.Study, metric: str) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
-
-
-def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optuna's four standard views of the study, as one HTML page and one PNG each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna import visualization as vis
-    from optuna.visualization import matplotlib as vis_png
-
-    folder.mkdir(parents=True, exist_ok=True)
-    views = {
-        "optimization_history": (vis.plot_optimization_history, vis_png.plot_optimization_history),
-        "parallel_coordinate": (vis.plot_parallel_coordinate, vis_png.plot_parallel_coordinate),
-        "param_importances": (vis.plot_param_importances, vis_png.plot_param_importances),
-        "intermediate_values": (vis.plot_intermediate_values, vis_png.plot_intermediate_values),
-    }
-    written, figures = [], []
-    with warnings.catch_warnings():
-        # the matplotlib views are marked experimental; their output is what we want
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # importances of near-equal trials warn that they are equal; the plot says as much
-        warnings.filterwarnings("ignore", "Target and region quantiles", UserWarning)
-        for name, (html_view, png_view) in views.items():
-            try:
-                figures.append((name, html_view(study)))
-                axes = png_view(study)
-                figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-                figure.set_size_inches(9, 5)
-                figure.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
-                plt.close(figure)
-                written.append(folder / f"{name}.png")
-            except (ValueError, RuntimeError, ZeroDivisionError) as err:
-                # importances need two complete trials and a varying parameter, for instance
-                logging.getLogger(__name__).info("no %s plot: %s", name, err)
-    if figures:
-        page = folder / "sweep_report.html"
-        parts = [f"<h1>Study {study.study_name}</h1>"]
-        for i, (name, figure) in enumerate(figures):
-            # plotly.js once, inline: the MLflow UI may have no internet to fetch it from
-            parts.append(f"<h2>{name.replace('_', ' ')}</h2>")
-            parts.append(figure.to_html(full_html=False, include_plotlyjs=(i == 0)))
-        page.write_text("<html><body>" + "\n".join(parts) + "</body></html>")
-        written.append(page)
-    return written
 
 
 def write_results(
@@ -183,8 +168,8 @@ def write_results(
         results |= {
             "model_uri": published.model_uri,
             "model_version": published.version,
-            "test_acc": published.test_acc,
-            "champion": published.champion_moved,
+            published.metric: published.value,
+            published.alias: published.moved,
         }
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(results), path)

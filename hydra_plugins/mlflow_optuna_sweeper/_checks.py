@@ -1,0 +1,191 @@
+"""Everything that can be wrong with a sweep's settings, found before anything is created."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.mlflow_optuna_sweeper import _runs, _space
+from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError
+from hydra_plugins.mlflow_optuna_sweeper._study import make_pruner, make_sampler, make_storage
+from hydra_plugins.mlflow_optuna_sweeper._warm import check_enqueue
+
+IN_PROCESS_LAUNCHERS = ("BasicLauncher",)
+MAX_TRIALS = 1_000_000
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
+
+
+def mask_url(url: str | None) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db."""
+    if not url:
+        return str(url)
+    return re.sub(r"(://[^/:@]*):[^@/]*@", r"\1:***@", url)
+
+
+@dataclass
+class Plan:
+    space: dict[str, Any]
+    fixed: list[str]
+    base: DictConfig
+    sampler: optuna.samplers.BaseSampler
+    pruner: optuna.pruners.BasePruner
+    storage_url: str | None
+    tracking_uri: str
+    experiment_name: str
+    timeout_s: float | None = None
+    enqueue: list | None = None
+
+
+class Checks:
+    def __init__(self, settings, hydra_context, config: DictConfig, launcher, start_dir) -> None:
+        self.s = settings
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = launcher
+        self.start_dir = start_dir
+
+    def compose(self, overrides: list[str]) -> DictConfig:
+        try:
+            return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        except HydraException as err:
+            raise SweepConfigError(str(err).splitlines()[0]) from None
+
+    def plan(self, arguments: list[str]) -> Plan:
+        s = self.s
+        name = str(s.study_name)
+        if not STUDY_NAME.fullmatch(name) or ".." in name:
+            raise SweepConfigError(
+                f"hydra.sweeper.study_name={name!r} is not a usable name: use 1-128 letters, "
+                f"digits, '.', '_' or '-' (no '/', '..', spaces or control characters)"
+            )
+        if not isinstance(s.n_trials, int) or not 1 <= s.n_trials <= MAX_TRIALS:
+            raise SweepConfigError(
+                f"hydra.sweeper.n_trials={s.n_trials} must be a whole number from 1 to {MAX_TRIALS}"
+            )
+        cores = os.cpu_count() or 1
+        if not isinstance(s.n_jobs, int) or not 1 <= s.n_jobs <= 4 * cores:
+            raise SweepConfigError(
+                f"hydra.sweeper.n_jobs={s.n_jobs} must be from 1 to {4 * cores} (this machine has "
+                f"{cores} cores; each worker trains one trial)"
+            )
+        if not 0.0 <= float(s.max_failure_rate) <= 1.0:
+            raise SweepConfigError(
+                f"hydra.sweeper.max_failure_rate={s.max_failure_rate} must be in [0, 1]"
+            )
+        if s.trial_timeout is not None and not (
+            isinstance(s.trial_timeout, (int, float)) and 0 < s.trial_timeout < math.inf
+        ):
+            raise SweepConfigError(
+                f"hydra.sweeper.trial_timeout={s.trial_timeout} must be a number of seconds > 0, "
+                f"or null for no limit"
+            )
+        direction = str(s.direction).lower()
+        if direction not in ("maximize", "minimize"):
+            raise SweepConfigError(
+                f"hydra.sweeper.direction={s.direction} must be maximize or minimize"
+            )
+        space, fixed = _space.parse(s.params, arguments)
+        if not space:
+            raise SweepConfigError(
+                "the search space is empty: set hydra.sweeper.params, e.g. "
+                "hydra.sweeper.params.x='interval(0, 1)', or sweep a key: x='interval(0, 1)'"
+            )
+        base = self.compose(fixed)
+        for key in space:
+            if OmegaConf.select(base, key, default="__missing__") == "__missing__":
+                raise SweepConfigError(
+                    f"hydra.sweeper.params.{key}: the config has no key {key!r} to search over"
+                )
+        self.check_corners(space, fixed, base)
+        sampler = make_sampler(s.sampler, s.seed, space)
+        pruner = make_pruner(s.pruner)
+        storage = _runs.absolute_uri(str(s.storage), self.start_dir) if s.storage else None
+        launcher = type(self.launcher).__name__
+        if storage is None and launcher not in IN_PROCESS_LAUNCHERS:
+            raise SweepConfigError(
+                f"hydra.sweeper.storage=null keeps the study in memory, which jobs started by "
+                f"{launcher} in other processes cannot reach: use sqlite:///optuna.db or "
+                f"postgresql://..."
+            )
+        if storage is None and s.n_jobs > 1:
+            raise SweepConfigError(
+                "hydra.sweeper.n_jobs > 1 runs workers in separate processes, which need a shared "
+                "storage: set hydra.sweeper.storage=sqlite:///optuna.db or postgresql://..."
+            )
+        if storage is not None:
+            make_storage_check(storage)
+        uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "file"
+        if scheme not in TRACKING_SCHEMES:
+            raise SweepConfigError(
+                f"the MLflow tracking URI {mask_url(uri)!r} has an unknown scheme {scheme!r}: use "
+                f"sqlite:///mlflow.db, http://host:5000 or postgresql://..."
+            )
+        timeout_s = parse_duration(s.timeout)
+        enqueue = check_enqueue(s.enqueue, space)
+        _runs.check_server(uri)  # before the study exists
+        experiment = s.experiment_name or self.config.hydra.job.name
+        return Plan(
+            space, fixed, base, sampler, pruner, storage, _runs.absolute_uri(uri, self.start_dir),
+            str(experiment), timeout_s, enqueue,
+        )  # fmt: skip
+
+    def check_corners(self, space: dict, fixed: list[str], base: DictConfig) -> None:
+        """Every corner of the space composes, and passes the app's own check if it has one."""
+        check = instantiate(self.s.check, _partial_=True) if self.s.check else None
+        for key, dist in space.items():
+            values = (
+                dist.choices
+                if isinstance(dist, optuna.distributions.CategoricalDistribution)
+                else (dist.low, dist.high)
+            )
+            for value in values:
+                cfg = self.compose(fixed + [_space.as_override(key, value)])
+                if check is None:
+                    continue
+                try:
+                    check(cfg)
+                except (ValueError, LookupError, OSError) as err:
+                    raise SweepConfigError(
+                        f"hydra.sweeper.params.{key} = {_space.describe(dist)} reaches "
+                        f"{key}={value}, which cannot run: {err}"
+                    ) from None
+        if check is not None:
+            try:
+                check(base)
+            except (ValueError, LookupError, OSError) as err:
+                raise SweepConfigError(str(err)) from None
+
+
+def parse_duration(value: Any) -> float | None:
+    """hydra.sweeper.timeout: 90, 90s, 45m, 2h, 1d -> seconds; null -> None."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
+    seconds = (
+        float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        if match
+        else 0
+    )
+    if not 0 < seconds < math.inf:
+        raise SweepConfigError(
+            f"hydra.sweeper.timeout={value!r} is not a duration: use seconds or a number with "
+            f"s, m, h or d, e.g. 45m or 2h"
+        )
+    return seconds
+
+
+def make_storage_check(url: str) -> None:
+    """An unknown storage scheme is an error before anything is created."""
+    if url.startswith(("sqlite", "postgresql", "mysql")) or url.endswith((".log", ".journal")):
+        return
+    make_storage(url)  # raises with the list of what works

@@ -1,0 +1,58 @@
+"""The sweep's report on the parent run: Optuna's views as PNGs and one self-contained page."""
+
+from __future__ import annotations
+
+import html
+import logging
+import warnings
+from pathlib import Path
+
+import optuna
+
+
+def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optuna's four standard views of the study, as one HTML page and one PNG each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna import visualization as vis
+    from optuna.visualization import matplotlib as vis_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    views = {
+        "optimization_history": (vis.plot_optimization_history, vis_png.plot_optimization_history),
+        "parallel_coordinate": (vis.plot_parallel_coordinate, vis_png.plot_parallel_coordinate),
+        "param_importances": (vis.plot_param_importances, vis_png.plot_param_importances),
+        "intermediate_values": (vis.plot_intermediate_values, vis_png.plot_intermediate_values),
+    }
+    if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        del views["intermediate_values"]  # a job that reports no epochs has no curves to show
+    written, figures = [], []
+    with warnings.catch_warnings():
+        # the matplotlib views are marked experimental; their output is what we want
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # importances of near-equal trials warn that they are equal; the plot says as much
+        warnings.filterwarnings("ignore", "Target and region quantiles", UserWarning)
+        for name, (html_view, png_view) in views.items():
+            try:
+                figures.append((name, html_view(study)))
+                axes = png_view(study)
+                figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+                figure.set_size_inches(9, 5)
+                figure.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
+                plt.close(figure)
+                written.append(folder / f"{name}.png")
+            except (ValueError, RuntimeError, ZeroDivisionError) as err:
+                # importances need two complete trials and a varying parameter, for instance
+                logging.getLogger(__name__).info("no %s plot: %s", name, err)
+    if figures:
+        page = folder / "sweep_report.html"
+        parts = [f"<h1>Study {html.escape(study.study_name)}</h1>"]
+        for i, (name, figure) in enumerate(figures):
+            # plotly.js once, inline: the MLflow UI may have no internet to fetch it from
+            parts.append(f"<h2>{name.replace('_', ' ')}</h2>")
+            parts.append(figure.to_html(full_html=False, include_plotlyjs=(i == 0)))
+        page.write_text("<html><body>" + "\n".join(parts) + "</body></html>")
+        written.append(page)
+    return written

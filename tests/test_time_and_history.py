@@ -1,0 +1,128 @@
+"""A wall-clock budget, parameter sets tried first, and warm starts from an earlier study."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from optuna.trial import TrialState
+from toy_sweep import ToySweep, check_invariant, ok
+
+
+def test_the_time_budget_stops_a_long_trial_at_an_epoch_and_the_end_still_runs(toy):
+    started = time.time()
+    proc = toy.run(
+        "hydra.sweeper.timeout=8s",
+        "hydra.sweeper.pruner=null",
+        "epochs=60",
+        "epoch_seconds=0.25",  # 15 s a trial: the first one cannot finish in time
+    )
+    ok(proc)
+    (trial,) = toy.study().get_trials()
+    assert trial.state == TrialState.FAIL
+    assert trial.system_attrs["failure"] == "time_budget"
+    assert "stopped by the time budget" in trial.user_attrs["fail_reason"]
+    assert 10 < len(trial.intermediate_values) < 60  # its curve up to the stop is kept
+    assert trial.datetime_complete.timestamp() - started < 8 + 15  # imports before the budget
+    runs = {r.info.run_id: r for r in toy.runs()}
+    run = runs[trial.user_attrs["mlflow_run_id"]]
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "time_budget"
+    (parent,) = [r for r in runs.values() if r.data.tags.get("sweep.role") == "sweep"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["time_budget_s"] == 8
+    assert parent.data.tags["stopped_by_budget"] == "True"
+    assert "Time budget 8s" in proc.stdout and "1 stopped by the budget" in proc.stdout
+
+
+def test_n_trials_still_caps_a_generous_budget(toy):
+    proc = toy.run("hydra.sweeper.timeout=1h", "hydra.sweeper.n_trials=2", "epochs=0")
+    ok(proc)
+    assert len(toy.study().get_trials()) == 2
+    assert "all trials finished" in proc.stdout
+
+
+def test_enqueued_parameters_run_first_and_count(toy):
+    ok(toy.run("hydra.sweeper.enqueue=[{x: 1.0, y: 2.0}]", "epochs=0"))
+    trials = toy.study().get_trials()
+    assert trials[0].params == {"x": 1.0, "y": 2.0} and trials[0].value == 5.0
+    check_invariant(toy)
+    # a rerun does not enqueue again
+    ok(toy.run("hydra.sweeper.enqueue=[{x: 1.0, y: 2.0}]", "hydra.sweeper.n_trials=4", "epochs=0"))
+    assert sum(t.params == {"x": 1.0, "y": 2.0} for t in toy.study().get_trials()) == 1
+
+
+def test_an_enqueued_value_outside_the_space_is_one_error(toy):
+    proc = toy.run("hydra.sweeper.enqueue=[{x: 9.0, y: 0.0}]")
+    assert proc.returncode == 2 and "enqueue[0].x=9.0 is outside the search space" in proc.stderr
+    assert not (toy.path / "optuna.db").exists()
+
+
+def warm_and_cold(tmp_path, seed: int, source: str) -> tuple[float, float]:
+    best = []
+    for name in ("cold", "warm"):
+        toy = ToySweep(tmp_path / f"{name}-{seed}", storage=source)
+        toy.path.mkdir()
+        extra = ["hydra.sweeper.warm_start_from=history"] if name == "warm" else []
+        ok(
+            toy.run(
+                f"hydra.sweeper.study_name={name}-{seed}",
+                f"hydra.sweeper.seed={seed}",
+                "hydra.sweeper.n_trials=5",
+                "epochs=0",
+                *extra,
+            )
+        )
+        study = toy.study_named(f"{name}-{seed}")
+        own = [t for t in study.get_trials() if "imported_from" not in t.user_attrs]
+        assert len(own) == 5
+        best.append(min(t.value for t in own))
+    return best[0], best[1]
+
+
+def history(tmp_path) -> str:
+    """A 30-trial random study of the toy function: what last week's sweep left."""
+    source = f"sqlite:///{tmp_path}/history.db"
+    toy = ToySweep(tmp_path / "history", storage=source)
+    toy.path.mkdir()
+    ok(
+        toy.run(
+            "hydra.sweeper.study_name=history",
+            "hydra.sweeper.sampler=random",
+            "hydra.sweeper.n_trials=30",
+            "epochs=0",
+        )
+    )
+    return source
+
+
+def test_a_warm_start_imports_the_earlier_trials_without_training_or_counting_them(tmp_path):
+    source = history(tmp_path)
+    toy = ToySweep(tmp_path / "warm", storage=source)
+    toy.path.mkdir()
+    proc = toy.run(
+        "hydra.sweeper.study_name=warm",
+        "hydra.sweeper.warm_start_from=history",
+        "hydra.sweeper.n_trials=3",
+        "epochs=0",
+        "x=interval(-5.5, 0)",  # half of the history lies outside this space
+    )
+    ok(proc)
+    assert "warm start: imported" in proc.stdout and "outside the search space" in proc.stdout
+    study = toy.study_named("warm")
+    imported = [t for t in study.get_trials() if "imported_from" in t.user_attrs]
+    own = [t for t in study.get_trials() if "imported_from" not in t.user_attrs]
+    assert 0 < len(imported) < 30 and all(t.params["x"] <= 0 for t in imported)
+    assert len(own) == 3  # n_trials counts this sweep's own trials
+    assert all(t.user_attrs["imported_run_id"] for t in imported)  # linked to their runs
+    children = [r for r in toy.runs() if r.data.tags.get("sweep.role") == "trial"]
+    assert len(children) == 3  # nothing was trained again
+    (best,) = [r for r in children if r.data.tags.get("best_run") == "true"]
+    assert "IMPORTED" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_warm_start_finds_better_values_sooner_than_a_cold_one(tmp_path):
+    source = history(tmp_path)
+    results = [warm_and_cold(tmp_path, seed, source) for seed in (0, 1, 2)]
+    print("best of the first 5 trials, cold vs warm:", results)
+    assert all(warm < cold for cold, warm in results), results

@@ -1,0 +1,26 @@
+"""app.py with switches for the sweeper's tests: per-epoch reports (pruning), failures, a
+non-number result. Same config.yaml; with the switches at their defaults it is app.py.
+"""
+
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from hydra_plugins.mlflow_optuna_sweeper.job import report
+
+
+@hydra.main(version_base="1.3", config_path=".", config_name="config")
+def main(cfg: DictConfig) -> float:
+    value = cfg.x**2 + cfg.y**2
+    if cfg.fail_if_x_above is not None and cfg.x > cfg.fail_if_x_above:
+        raise ValueError(f"x={cfg.x} is above fail_if_x_above={cfg.fail_if_x_above}")
+    for epoch in range(cfg.epochs):  # a curve falling to `value`: the pruner may stop it early
+        time.sleep(cfg.epoch_seconds)
+        if report(value * (1 + 1 / (epoch + 1)), step=epoch, total=cfg.epochs):
+            break
+    return f"{value}" if cfg.return_text else value
+
+
+if __name__ == "__main__":
+    main()
