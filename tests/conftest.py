@@ -198,7 +198,9 @@ def mlflow_server(postgres, tmp_path):
              "--artifacts-destination", str(tmp_path / "artifacts"),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+            # no background job runners: they cost minutes of start-up and are not used here
+            env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
         )  # fmt: skip
         try:
             wait_for_http(f"{url}/health", server, lambda: log_path.read_text())

@@ -166,7 +166,13 @@ def test_a_sweep_makes_a_parent_run_a_child_per_trial_and_resumes(tmp_path):
     assert results["best_trial"] == best.number
     assert math.isclose(results["best_value"], best.value)
     assert results["best_run_id"] == best.user_attrs["mlflow_run_id"]
-    assert results["trials"] == {"complete": 3, "pruned": 0, "failed": 0, "running": 0}
+    assert results["trials"] == {
+        "complete": 3,
+        "pruned": 0,
+        "failed": 0,
+        "running": 0,
+        "imported": 0,
+    }
     # the end table: a row per trial and the winner marked
     assert "#  x" in proc.stdout and "value" in proc.stdout
     (marked,) = [line for line in proc.stdout.splitlines() if line.endswith("<- best")]

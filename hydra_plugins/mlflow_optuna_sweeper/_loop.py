@@ -132,9 +132,9 @@ class TrialLoop:
             self.durations.append(time.perf_counter() - started)
             self.print_result(trial.number)
 
-    def recover(self) -> None:
+    def recover(self, between_trials: bool = True) -> None:
         """Fail the trials whose worker died, and close their runs."""
-        failed = fail_orphaned_trials(self.study, self.grace_s)
+        failed = fail_orphaned_trials(self.study, self.grace_s, own_trials_are_dead=between_trials)
         for number, reason in failed:
             log.warning("trial %d is marked FAIL: %s", number, reason)
         if failed:

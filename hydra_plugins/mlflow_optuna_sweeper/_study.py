@@ -250,12 +250,16 @@ def heartbeat_enabled(study: optuna.Study) -> bool:
     return is_heartbeat_enabled(study._storage)
 
 
-def fail_orphaned_trials(study: optuna.Study, grace_s: float) -> list[tuple[int, str]]:
+def fail_orphaned_trials(
+    study: optuna.Study, grace_s: float, own_trials_are_dead: bool = True
+) -> list[tuple[int, str]]:
     """Mark FAIL the RUNNING trials whose worker is gone; return (number, reason) for each.
 
     A dead process on this machine is found at once; a worker on another machine by its
     heartbeat going silent for `grace_s` (RDB storages); a trial that no worker ever labelled
-    (its `ask` failed half-way) after `grace_s` too.
+    (its `ask` failed half-way) after `grace_s` too. Between trials, a RUNNING trial of this
+    very process is one it left when interrupted (or of an earlier process with the same pid);
+    called while this process trains (`own_trials_are_dead=False`), it is the live one.
     """
     me = machine_key()
     stale = set()
@@ -268,7 +272,7 @@ def fail_orphaned_trials(study: optuna.Study, grace_s: float) -> list[tuple[int,
         reason = None
         if host == me and pid is not None and not pid_alive(int(pid)):
             reason = f"its worker (pid {pid}) died while training"
-        elif host == me and pid is not None and int(pid) == os.getpid():
+        elif host == me and pid is not None and int(pid) == os.getpid() and own_trials_are_dead:
             reason = "its worker (this process) was interrupted before it recorded the end"
         elif trial._trial_id in stale:
             reason = f"its worker ({host}, pid {pid}) stopped sending heartbeats for {grace_s}s"

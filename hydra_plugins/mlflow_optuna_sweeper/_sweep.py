@@ -223,7 +223,7 @@ class SweepRun:
 
     def worker_died(self, loop: TrialLoop, pid: int) -> bool:
         """A worker process of this command died: fail its trial now; replace it if work is left."""
-        loop.recover()
+        loop.recover(between_trials=False)  # called from the watcher while this process trains
         counts = _console.counts(loop.study)
         return counts["complete"] + counts["pruned"] + counts["running"] < self.s.n_trials
 

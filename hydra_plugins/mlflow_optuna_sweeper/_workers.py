@@ -55,7 +55,15 @@ class WorkerPool:
         # the store URLs reach workers through the environment (SWEEP_STORAGE_URL,
         # MLFLOW_TRACKING_URI, set by the sweep): an argument with a password would show in `ps`
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), **{WORKER_ENV: "1"})
-        args = [a for a in sys.argv if not HAS_PASSWORD.search(a)]
+        args = []
+        for i, arg in enumerate(sys.argv):
+            if HAS_PASSWORD.search(arg) and "=" in arg:
+                # key=url-with-password: the worker reads the same value from its environment
+                key, value = arg.split("=", 1)
+                env[f"SWEEP_ARG_{i}"] = value
+                arg = f"{key}=${{oc.env:SWEEP_ARG_{i}}}"
+            if not HAS_PASSWORD.search(arg):
+                args.append(arg)
         return subprocess.Popen([sys.executable, *args, "hydra.sweeper.n_jobs=1"], env=env)
 
     def _watch(self) -> None:
