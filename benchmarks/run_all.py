@@ -29,7 +29,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -131,29 +131,36 @@ def probe(data_root: Path, device: torch.device) -> tuple[TensorBatches, Costs]:
     return batches, Costs(step_s=step_s, epoch_batches=len(batches))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="data", help=DATA_HELP + " (default: data/)")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="wall seconds for all")
-    parser.add_argument("--quick", action="store_true", help="smoke-test sizes, targets not judged")
-    parser.add_argument("--accelerator", default="auto", help="cpu, gpu, mps or auto")
-    args = parser.parse_args()
-    clock = Clock(args.budget_s)
-    data_root = data_folder(args.data)
-    device = pick_device(args.accelerator)
-    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    print(f"device {device}{name}; {machine()}")
-    print(f"data: {describe_data(data_root)}")
-    full = image_count(data_root) >= FULL_MNIST
-    on = "full MNIST" if full else "subset"
-    accel = (f"trainer.accelerator={args.accelerator}",)
-    rows: list[Row] = []
-    quick = args.quick
+@dataclass
+class BenchmarkRun:
+    """One run of the benchmarks: what they share, and one method per benchmark.
 
-    def judge(ok: bool) -> bool | None:
-        return None if quick else ok
+    Each benchmark adds its results to `rows`; `step` runs one, timing it and turning a failure
+    into a "did not finish" row.
+    """
 
-    def step(title: str, run: Callable[[], None]) -> None:
+    args: argparse.Namespace
+    clock: Clock
+    data_root: Path
+    device: torch.device
+    costs: Costs  # from the probe; the overhead sweep refines it for the later sweeps
+    batches: TensorBatches  # the full training batches, from the probe
+    on: str  # "full MNIST" or "subset", for the table
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def quick(self) -> bool:
+        return self.args.quick
+
+    @property
+    def accel(self) -> tuple[str, ...]:
+        return (f"trainer.accelerator={self.args.accelerator}",)
+
+    def judge(self, ok: bool) -> bool | None:
+        return None if self.quick else ok
+
+    def step(self, title: str, run: Callable[[], None]) -> None:
+        clock = self.clock
         print(f"\n== {title} ({clock.elapsed:.0f} s in, {clock.left:.0f} s of the budget left)")
         started = time.perf_counter()
         try:
@@ -161,8 +168,187 @@ def main() -> None:
         except Exception as err:  # one broken benchmark must not hide the others' results
             traceback.print_exc()
             error = f"{type(err).__name__}: {err}".splitlines()[0][:100]
-            rows.append(Row(title, "did not finish", error, met=False))
+            self.rows.append(Row(title, "did not finish", error, met=False))
         print(f"   {title}: {time.perf_counter() - started:.0f} s")
+
+    def speed_size(self) -> tuple[int, int]:
+        """(repeats, images per epoch) for the speed benchmark."""
+        if self.quick:
+            return 3, 20 * BATCH
+        # about a fifth of the budget: the most repeats (3-7) of the longest epochs
+        share, available = 0.2 * self.args.budget_s, len(self.batches.labels)
+        for repeats in (7, 5, 3):
+            fit = int(share / (2 * repeats * self.costs.step_s)) * BATCH
+            images = min(available, fit)
+            if images >= min(available, MIN_EPOCH_BATCHES * BATCH):
+                break
+        return repeats, max(images, 20 * BATCH)
+
+    def speed(self) -> None:
+        repeats, images = self.speed_size()
+        batches = timed = self.batches
+        if images < len(batches.labels):
+            timed = TensorBatches(batches.images[:images], batches.labels[:images], BATCH, True)
+        result = bench_speed.measure_speed(
+            timed, self.device, repeats, progress=lambda s: print("  ", s)
+        )
+        hand_rate, light_rate = result.rates()
+        self.rows.append(
+            Row(
+                "speed",
+                f"Lightning / hand-loop throughput, median of {repeats} runs, "
+                f"{result.images} images per epoch ({self.on})",
+                f"{result.ratio:.3f} (runs {' '.join(f'{r:.3f}' for r in result.ratios)}; "
+                f"fastest epochs {result.best_ratio:.3f})",
+                f">= {bench_speed.RATIO_TARGET}",
+                self.judge(result.ratio >= bench_speed.RATIO_TARGET),
+            )
+        )
+        self.rows.append(
+            Row("speed", "samples/s: hand loop, Lightning", f"{hand_rate:.0f}, {light_rate:.0f}")
+        )
+
+    def overhead(self, work: Path) -> None:
+        costs, trials = self.costs, 3 if self.quick else 6
+        wall, overheads, trains = bench_speed.sweep_overheads(
+            self.data_root, work, trials, 5 if self.quick else 20, *self.accel
+        )
+        median = statistics.median(overheads)
+        # what the later sweeps will cost besides training, from this one
+        costs.trial_s = median
+        costs.sweep_start_s = max(5.0, wall - trials * (median + statistics.median(trains)))
+        self.rows.append(
+            Row(
+                "sweep overhead",
+                f"time outside Trainer.fit per trial (median, max; {trials}-trial sweep)",
+                f"{median:.2f} s, {max(overheads):.2f} s",
+                f"<= {bench_speed.OVERHEAD_TARGET_S:g} s",
+                self.judge(max(overheads) <= bench_speed.OVERHEAD_TARGET_S),
+            )
+        )
+        print(
+            f"   sweep of {trials} trials: {wall:.1f} s, of which ~{costs.sweep_start_s:.0f} s "
+            f"start and end"
+        )
+
+    def accuracy_size(self) -> tuple[int, int]:
+        """(epochs, batches per epoch) for the accuracy trial."""
+        if self.quick:
+            return 1, 20
+        # full epochs if they fit a tenth of the budget; no fewer than the subset's
+        n = self.costs.epoch_batches
+        while n > MIN_EPOCH_BATCHES and 2 * self.costs.epoch_s(n) > 0.1 * self.args.budget_s:
+            n = max(MIN_EPOCH_BATCHES, int(n * 0.8))
+        return 2, n
+
+    def accuracy(self, work: Path) -> None:
+        epochs, n = self.accuracy_size()
+        full = n >= self.costs.epoch_batches
+        extra = () if full else (f"trainer.limit_train_batches={n}",)
+        val_acc, seconds, values = bench_speed.trial_val_acc(
+            self.data_root, work, self.args.accelerator, epochs, *extra
+        )
+        size = "" if full else f" x {n} batches"
+        self.rows.append(
+            Row(
+                "accuracy",
+                f"val_acc after {count(epochs, 'epoch')}{size} at the defaults, {values} "
+                f"({self.on})",
+                f"{val_acc:.4f}",
+                f">= {bench_speed.VAL_ACC_TARGET}",
+                self.judge(val_acc >= bench_speed.VAL_ACC_TARGET),
+            )
+        )
+
+    def pruning_size(self) -> tuple[int, int, int]:
+        """(trials, epochs, batches per epoch): most of what is left, the rest for the workers."""
+        if self.quick:
+            return 4, 2, 10
+        costs = self.costs
+
+        def cost(t: int, e: int, b: int) -> float:
+            return costs.sweep_s(t, e, b) + costs.sweep_s(t, e * PRUNED_SHARE, b)
+
+        ladder = [(12, 6), (10, 5), (8, 4), (6, 3)]
+        return plan_sweep(costs, 0.65 * self.clock.left, ladder, cost)
+
+    def pruning(self) -> None:
+        trials, epochs, n = self.pruning_size()
+        results = bench_pruning.compare_pruners(
+            self.data_root, ["none", "median"], trials, epochs, *self.accel, *limit(n, self.costs)
+        )
+        none, median = results
+        saved = bench_pruning.saved_share(results)
+        size = epochs_text(trials, epochs, n, self.costs)
+        self.rows.append(
+            Row(
+                "pruning",
+                f"epochs trained, no pruner vs median ({size}, {self.on})",
+                f"{none['epochs']} vs {median['epochs']} ({-saved:+.0%}), "
+                f"{none['wall_s']:.0f} vs {median['wall_s']:.0f} s",
+                f">= {bench_pruning.SAVED_TARGET:.0%} fewer",
+                self.judge(saved >= bench_pruning.SAVED_TARGET),
+            )
+        )
+        gap = (median["best"] - none["best"]) * 100
+        self.rows.append(
+            Row(
+                "pruning",
+                "best val_acc, no pruner vs median",
+                f"{none['best']:.4f} vs {median['best']:.4f} ({gap:+.2f} pp)",
+                f"within {bench_pruning.BEST_WITHIN_PP} pp",
+                self.judge(abs(gap) <= bench_pruning.BEST_WITHIN_PP),
+            )
+        )
+
+    def parallel_size(self) -> tuple[int, int, int]:
+        """(trials, epochs, batches per epoch) for the workers: what is left of the budget."""
+        if self.quick:
+            return 2, 1, 10
+        costs = self.costs
+
+        def cost(t: int, e: int, b: int) -> float:
+            train = t * e * costs.epoch_s(b)
+            return 2 * costs.sweep_s(t, 0, b) + train * (1 + TWO_WORKERS_SHARE)
+
+        ladder = [(6, 2), (4, 2), (4, 1), (2, 1)]
+        return plan_sweep(costs, 0.95 * self.clock.left, ladder, cost)
+
+    def parallel(self) -> None:
+        trials, epochs, n = self.parallel_size()
+        r = bench_parallel.compare_workers(
+            self.data_root, trials, epochs, *self.accel, *limit(n, self.costs)
+        )
+        one, two = trials / r["one_s"] * 3600, trials / r["two_s"] * 3600
+        self.rows.append(
+            Row(
+                "parallel",
+                f"trials/hour, 1 worker x {r['cores']} threads vs 2 x {r['threads']} "
+                f"({epochs_text(trials, epochs, n, self.costs)})",
+                f"{one:.0f} vs {two:.0f} ({r['one_s'] / r['two_s']:.2f}x)",
+            )
+        )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data", help=DATA_HELP + " (default: data/)")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="wall seconds for all")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes, targets not judged")
+    parser.add_argument("--accelerator", default="auto", help="cpu, gpu, mps or auto")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    clock = Clock(args.budget_s)
+    data_root = data_folder(args.data)
+    device = pick_device(args.accelerator)
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"device {device}{name}; {machine()}")
+    print(f"data: {describe_data(data_root)}")
+    on = "full MNIST" if image_count(data_root) >= FULL_MNIST else "subset"
+    quick = args.quick
 
     batches, costs = probe(data_root, device)
     print(
@@ -171,152 +357,16 @@ def main() -> None:
         f"{' (quick: smoke-test sizes)' if quick else ''}"
     )
 
-    def speed() -> None:
-        if quick:
-            repeats, images = 3, 20 * BATCH
-        else:  # about a fifth of the budget: the most repeats (3-7) of the longest epochs
-            share = 0.2 * args.budget_s
-            for repeats in (7, 5, 3):
-                fit = int(share / (2 * repeats * costs.step_s)) * BATCH
-                images = min(len(batches.labels), fit)
-                if images >= min(len(batches.labels), MIN_EPOCH_BATCHES * BATCH):
-                    break
-            images = max(images, 20 * BATCH)
-        timed = batches
-        if images < len(batches.labels):
-            timed = TensorBatches(batches.images[:images], batches.labels[:images], BATCH, True)
-        result = bench_speed.measure_speed(
-            timed, device, repeats, progress=lambda s: print("  ", s)
-        )
-        hand_rate, light_rate = result.rates()
-        rows.append(
-            Row(
-                "speed",
-                f"Lightning / hand-loop throughput, median of {repeats} runs, "
-                f"{result.images} images per epoch ({on})",
-                f"{result.ratio:.3f} (runs {' '.join(f'{r:.3f}' for r in result.ratios)}; "
-                f"fastest epochs {result.best_ratio:.3f})",
-                f">= {bench_speed.RATIO_TARGET}",
-                judge(result.ratio >= bench_speed.RATIO_TARGET),
-            )
-        )
-        rows.append(
-            Row("speed", "samples/s: hand loop, Lightning", f"{hand_rate:.0f}, {light_rate:.0f}")
-        )
-
-    def overhead(work: Path) -> None:
-        trials = 3 if quick else 6
-        wall, overheads, trains = bench_speed.sweep_overheads(
-            data_root, work, trials, 5 if quick else 20, *accel
-        )
-        median = statistics.median(overheads)
-        # what the later sweeps will cost besides training, from this one
-        costs.trial_s = median
-        costs.sweep_start_s = max(5.0, wall - trials * (median + statistics.median(trains)))
-        rows.append(
-            Row(
-                "sweep overhead",
-                f"time outside Trainer.fit per trial (median, max; {trials}-trial sweep)",
-                f"{median:.2f} s, {max(overheads):.2f} s",
-                f"<= {bench_speed.OVERHEAD_TARGET_S:g} s",
-                judge(max(overheads) <= bench_speed.OVERHEAD_TARGET_S),
-            )
-        )
-        print(
-            f"   sweep of {trials} trials: {wall:.1f} s, of which ~{costs.sweep_start_s:.0f} s "
-            f"start and end"
-        )
-
-    def accuracy(work: Path) -> None:
-        epochs, n = 2, costs.epoch_batches
-        if quick:
-            epochs, n = 1, 20
-        else:  # full epochs if they fit a tenth of the budget; no fewer than the subset's
-            while n > MIN_EPOCH_BATCHES and 2 * costs.epoch_s(n) > 0.1 * args.budget_s:
-                n = max(MIN_EPOCH_BATCHES, int(n * 0.8))
-        extra = () if n >= costs.epoch_batches else (f"trainer.limit_train_batches={n}",)
-        val_acc, seconds, values = bench_speed.trial_val_acc(
-            data_root, work, args.accelerator, epochs, *extra
-        )
-        size = "" if n >= costs.epoch_batches else f" x {n} batches"
-        rows.append(
-            Row(
-                "accuracy",
-                f"val_acc after {count(epochs, 'epoch')}{size} at the defaults, {values} ({on})",
-                f"{val_acc:.4f}",
-                f">= {bench_speed.VAL_ACC_TARGET}",
-                judge(val_acc >= bench_speed.VAL_ACC_TARGET),
-            )
-        )
-
-    def pruning() -> None:
-        if quick:
-            trials, epochs, n = 4, 2, 10
-        else:  # most of what is left, the rest for the workers
-
-            def cost(t: int, e: int, b: int) -> float:
-                return costs.sweep_s(t, e, b) + costs.sweep_s(t, e * PRUNED_SHARE, b)
-
-            ladder = [(12, 6), (10, 5), (8, 4), (6, 3)]
-            trials, epochs, n = plan_sweep(costs, 0.65 * clock.left, ladder, cost)
-        results = bench_pruning.compare_pruners(
-            data_root, ["none", "median"], trials, epochs, *accel, *limit(n, costs)
-        )
-        none, median = results
-        saved = bench_pruning.saved_share(results)
-        size = epochs_text(trials, epochs, n, costs)
-        rows.append(
-            Row(
-                "pruning",
-                f"epochs trained, no pruner vs median ({size}, {on})",
-                f"{none['epochs']} vs {median['epochs']} ({-saved:+.0%}), "
-                f"{none['wall_s']:.0f} vs {median['wall_s']:.0f} s",
-                f">= {bench_pruning.SAVED_TARGET:.0%} fewer",
-                judge(saved >= bench_pruning.SAVED_TARGET),
-            )
-        )
-        gap = (median["best"] - none["best"]) * 100
-        rows.append(
-            Row(
-                "pruning",
-                "best val_acc, no pruner vs median",
-                f"{none['best']:.4f} vs {median['best']:.4f} ({gap:+.2f} pp)",
-                f"within {bench_pruning.BEST_WITHIN_PP} pp",
-                judge(abs(gap) <= bench_pruning.BEST_WITHIN_PP),
-            )
-        )
-
-    def parallel() -> None:
-        if quick:
-            trials, epochs, n = 2, 1, 10
-        else:
-
-            def cost(t: int, e: int, b: int) -> float:
-                train = t * e * costs.epoch_s(b)
-                return 2 * costs.sweep_s(t, 0, b) + train * (1 + TWO_WORKERS_SHARE)
-
-            ladder = [(6, 2), (4, 2), (4, 1), (2, 1)]
-            trials, epochs, n = plan_sweep(costs, 0.95 * clock.left, ladder, cost)
-        r = bench_parallel.compare_workers(data_root, trials, epochs, *accel, *limit(n, costs))
-        one, two = trials / r["one_s"] * 3600, trials / r["two_s"] * 3600
-        rows.append(
-            Row(
-                "parallel",
-                f"trials/hour, 1 worker x {r['cores']} threads vs 2 x {r['threads']} "
-                f"({epochs_text(trials, epochs, n, costs)})",
-                f"{one:.0f} vs {two:.0f} ({r['one_s'] / r['two_s']:.2f}x)",
-            )
-        )
-
-    step("speed", speed)
+    run = BenchmarkRun(args, clock, data_root, device, costs, batches, on)
+    run.step("speed", run.speed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        step("sweep overhead", lambda: overhead(work))
-        step("accuracy", lambda: accuracy(work))
-    step("pruning", pruning)
-    step("parallel", parallel)
+        run.step("sweep overhead", lambda: run.overhead(work))
+        run.step("accuracy", lambda: run.accuracy(work))
+    run.step("pruning", run.pruning)
+    run.step("parallel", run.parallel)
 
-    total = clock.elapsed
+    total, rows = clock.elapsed, run.rows
     rows.append(
         Row(
             "all",
