@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -99,9 +98,8 @@ def run(cfg: DictConfig, start_dir: str | Path | None = None) -> float:
     # missing data is the user's to fix: say so before any run exists
     ensure_mnist(start_dir / cfg.data.root, download=cfg.data.download)
     if not in_sweep:  # a sweep hands over its tracking URI, experiment and run
-        mlflow.set_tracking_uri(
-            os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(cfg, start_dir)
-        )
+        # the config's own value (which defaults to MLFLOW_TRACKING_URI, see conf/mlflow/)
+        mlflow.set_tracking_uri(tracking_uri(cfg, start_dir))
         mlflow.set_experiment(cfg.mlflow.experiment_name)
 
     with mlflow.start_run(run_name=None if in_sweep else "single-run") as active:

@@ -53,7 +53,9 @@ class SweepDir:
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         # two cores: keep torch from oversubscribing them when tests run beside each other
-        return dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", **(extra or {}))
+        # and none of this process's MLflow settings (mlflow.set_tracking_uri exports one)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SWEEP_"))}
+        return dict(env, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", **(extra or {}))
 
     def run(
         self,
@@ -98,11 +100,20 @@ def sweep(tmp_path, mnist_root) -> SweepDir:
     return SweepDir(tmp_path, mnist_root)
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory) -> Path:
+    """An MLflow store with its tables made: creating them costs seconds in every sweep."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def toy(tmp_path):
-    """The toy app (tests/toy_app) with its stores in tmp_path."""
+def toy(tmp_path, empty_mlflow_store):
+    """The toy app (tests/toy_app) with its stores in tmp_path (MLflow's tables made)."""
     from toy_sweep import ToySweep
 
+    shutil.copy(empty_mlflow_store, tmp_path / "mlflow.db")
     return ToySweep(tmp_path)
 
 

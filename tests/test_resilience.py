@@ -87,7 +87,11 @@ def test_killed_mid_trial_resumes(sweep):
 
 
 @pytest.mark.parametrize(
-    "sig, code, why", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")]
+    "sig, code, why",
+    [
+        pytest.param(signal.SIGINT, 130, "Ctrl-C", marks=pytest.mark.slow),
+        (signal.SIGTERM, 143, "SIGTERM"),
+    ],
 )
 def test_ctrl_c_or_sigterm_stops_cleanly_and_resumes(sweep, sig, code, why):
     proc = paused_at(sweep, TRIAL_1_MID_TRAINING, "hydra.sweeper.n_trials=3", *STEADY)

@@ -95,6 +95,7 @@ def history(tmp_path) -> str:
     return source
 
 
+@pytest.mark.slow
 def test_a_warm_start_imports_the_earlier_trials_without_training_or_counting_them(tmp_path):
     source = history(tmp_path)
     toy = ToySweep(tmp_path / "warm", storage=source)

@@ -44,7 +44,8 @@ class ToySweep:
 
     def env(self, **extra: str) -> dict[str, str]:
         path = f"{TOY}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"  # the publish hook
-        return dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", **extra)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SWEEP_"))}
+        return dict(env, PYTHONPATH=path, PYTHONUNBUFFERED="1", **extra)
 
     def run(self, *overrides: str, timeout: float = 300, **env: str):
         return subprocess.run(

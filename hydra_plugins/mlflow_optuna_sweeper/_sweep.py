@@ -104,7 +104,39 @@ class SweepRun:
             return self._run(plan)
 
     def _run(self, plan: Plan) -> Any:
-        s = self.s
+        study, created, client, experiment = self.open_stores(plan)
+        workers = WorkerPool(self.s.n_jobs, on_death=lambda pid, code: self.worker_died(loop, pid))
+        loop = self.trial_loop(study, client, experiment, plan)
+        started = time.time()
+        loop.recover()
+        settle_runs(client, study)  # runs a killed sweep left open or mislabelled
+        parent = self.parent_run(client, study, experiment, created, plan)
+        done = _console.counts(study)
+        if done["complete"] + done["pruned"] >= self.s.n_trials and not self.is_worker:
+            return self.end.finish(study, client, parent, plan, resumed_complete=True)
+        loop.parent_run_id = parent
+        self.print_plan(plan, study)
+        self.train(loop, workers, client, parent, plan)
+        if self.is_worker:
+            return []
+        if plan.timeout_s:
+            self.budget_report(loop, client, parent, plan.timeout_s, time.time() - started)
+        if loop.grid_used_up:
+            print(
+                f"The grid is used up: every one of its points has been tried ({self.s.sampler})."
+            )
+        if loop.waiting_on:
+            print(
+                f"This command's trials are done; still training on other machines: "
+                f"{', '.join(loop.waiting_on)}. The worker that finishes the last trial ends the "
+                f"sweep; this storage has no heartbeats, so if that worker dies, rerun this "
+                f"command to end it."
+            )
+            return []
+        return self.end.finish(study, client, parent, plan)
+
+    def open_stores(self, plan: Plan) -> tuple[optuna.Study, bool, Any, str]:
+        """The study (created, or resumed if its space still fits), the MLflow store, the env."""
         study, created = open_study_or_explain(self.s, plan)
         crash_point("study-created")
         if not created:
@@ -112,7 +144,7 @@ class SweepRun:
             # a resumed study, or a second worker: the seed's sequence would repeat the first
             # worker's trials, so only the process that created the study keeps the seed
             plan.sampler.reseed_rng()
-        for note in seed_study(study, plan.space, plan.enqueue or [], s.warm_start_from):
+        for note in seed_study(study, plan.space, plan.enqueue or [], self.s.warm_start_from):
             print(note, flush=True)
         client = _runs.connect(plan.tracking_uri)  # a down server fails here, not after retries
         experiment = _runs.experiment_id(client, plan.experiment_name)
@@ -122,9 +154,11 @@ class SweepRun:
         mlflow.set_tracking_uri(plan.tracking_uri)
         if plan.storage_url:
             os.environ[job.ENV_STORAGE] = plan.storage_url
-        os.environ[job.ENV_PRUNER] = json.dumps(s.pruner)
+        os.environ[job.ENV_PRUNER] = json.dumps(self.s.pruner)
+        return study, created, client, experiment
 
-        workers = WorkerPool(s.n_jobs, on_death=lambda pid, code: self.worker_died(loop, pid))
+    def trial_loop(self, study, client, experiment: str, plan: Plan) -> TrialLoop:
+        s = self.s
         loop = TrialLoop(
             study=study,
             space=plan.space,
@@ -141,24 +175,16 @@ class SweepRun:
             grace_s=s.heartbeat_grace,
             progress=_console.EpochProgress(s.metric),
         )
-        started = time.time()
         if plan.timeout_s:
             # time is kept for the end (publishing, the report); workers share the first deadline
             reserve = min(60.0, 0.1 * plan.timeout_s)
-            deadline = os.environ.get(job.ENV_DEADLINE) or started + plan.timeout_s - reserve
+            deadline = os.environ.get(job.ENV_DEADLINE) or time.time() + plan.timeout_s - reserve
             os.environ[job.ENV_DEADLINE] = str(deadline)
             loop.deadline = float(deadline)
-        loop.recover()
-        settle_runs(client, study)  # runs a killed sweep left open or mislabelled
+        return loop
 
-        done = _console.counts(study)
-        if done["complete"] + done["pruned"] >= s.n_trials and not self.is_worker:
-            parent = self.parent_run(client, study, experiment, created, plan)
-            return self.end.finish(study, client, parent, plan, resumed_complete=True)
-
-        parent = self.parent_run(client, study, experiment, created, plan)
-        loop.parent_run_id = parent
-        self.print_plan(plan, study)
+    def train(self, loop: TrialLoop, workers: WorkerPool, client, parent: str, plan: Plan) -> None:
+        """This command's trials (and its workers'); Ctrl-C or SIGTERM closes every run."""
         try:
             if not self.is_worker:
                 workers.start()
@@ -169,9 +195,9 @@ class SweepRun:
             loop.recover()
             code = 143 if terminated.is_set() else 130
             why = "SIGTERM" if terminated.is_set() else type(err).__name__
+            where = mask_url(plan.storage_url) if plan.storage_url else "memory"
             print(
-                f"\nSweep interrupted ({why}); finished trials are kept in "
-                f"{mask_url(plan.storage_url) if plan.storage_url else 'memory'}. Resume with "
+                f"\nSweep interrupted ({why}); finished trials are kept in {where}. Resume with "
                 f"the same command.",
                 file=sys.stderr,
             )
@@ -184,21 +210,6 @@ class SweepRun:
             if not self.is_worker:
                 _runs.end_run(client, parent, "FAILED", {"sweep.state": "failed"})
             raise
-        if self.is_worker:
-            return []
-        if plan.timeout_s:
-            self.budget_report(loop, client, parent, plan.timeout_s, time.time() - started)
-        if loop.grid_used_up:
-            print(f"The grid is used up: every one of its points has been tried ({s.sampler}).")
-        if loop.waiting_on:
-            print(
-                f"This command's trials are done; still training on other machines: "
-                f"{', '.join(loop.waiting_on)}. The worker that finishes the last trial ends the "
-                f"sweep; this storage has no heartbeats, so if that worker dies, rerun this "
-                f"command to end it."
-            )
-            return []
-        return self.end.finish(study, client, parent, plan)
 
     def budget_report(self, loop: TrialLoop, client, parent: str, budget: float, used: float):
         stopped = sum(
