@@ -74,10 +74,14 @@ def sigterm_as_interrupt():
         raise KeyboardInterrupt("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, stop)
+    # a shell that starts a command in the background (`cmd &`) makes it ignore SIGINT, and
+    # Python then never raises KeyboardInterrupt: `kill -INT` must stop a sweep cleanly anyway
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 class SweepRun:
