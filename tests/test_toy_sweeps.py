@@ -104,17 +104,9 @@ def assert_one_best(toy: Toy, children, minimum: float) -> None:
     assert int(best.data.tags["optuna.trial_number"]) == toy.study().best_trial.number
 
 
-@pytest.fixture(scope="module")
-def empty_mlflow_db(tmp_path_factory) -> Path:
-    """An MLflow store with its tables made: creating them costs seconds in every sweep."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def toy(tmp_path, empty_mlflow_db) -> Toy:
-    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+def toy(tmp_path, empty_mlflow_store) -> Toy:
+    shutil.copy(empty_mlflow_store, tmp_path / "mlflow.db")  # conftest's: tables already made
     return Toy(tmp_path)
 
 

@@ -83,24 +83,21 @@ def make_sampler(
         spec.setdefault("search_space", grid_space(search_space or {}))
     if "seed" not in spec and seed is not None:
         spec["seed"] = seed
-    try:
-        sampler = instantiate(spec, _convert_="all")
-    except Exception as err:
-        raise SweepConfigError(f"hydra.sweeper.sampler {spec} cannot be built: {err}") from err
-    if not isinstance(sampler, optuna.samplers.BaseSampler):
-        raise SweepConfigError(f"hydra.sweeper.sampler {spec} is not an Optuna sampler")
-    return sampler
+    return _build(spec, "sampler", optuna.samplers.BaseSampler)
 
 
 def make_pruner(value: Any) -> optuna.pruners.BasePruner:
-    spec = _spec(value, PRUNERS, "pruner")
+    return _build(_spec(value, PRUNERS, "pruner"), "pruner", optuna.pruners.BasePruner)
+
+
+def _build(spec: dict[str, Any], what: str, kind: type) -> Any:
     try:
-        pruner = instantiate(spec, _convert_="all")
+        built = instantiate(spec, _convert_="all")
     except Exception as err:
-        raise SweepConfigError(f"hydra.sweeper.pruner {spec} cannot be built: {err}") from err
-    if not isinstance(pruner, optuna.pruners.BasePruner):
-        raise SweepConfigError(f"hydra.sweeper.pruner {spec} is not an Optuna pruner")
-    return pruner
+        raise SweepConfigError(f"hydra.sweeper.{what} {spec} cannot be built: {err}") from err
+    if not isinstance(built, kind):
+        raise SweepConfigError(f"hydra.sweeper.{what} {spec} is not an Optuna {what}")
+    return built
 
 
 def grid_space(search_space: dict[str, Any]) -> dict[str, list[Any]]:

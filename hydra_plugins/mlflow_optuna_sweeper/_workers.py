@@ -86,10 +86,6 @@ class WorkerPool:
                         self.replacements += 1
                         self.procs[i] = self._spawn()
 
-    def live_pids(self) -> set[str]:
-        with self.lock:
-            return {str(p.pid) for p in self.procs if p.poll() is None}
-
     def wait(self) -> None:
         while True:
             with self.lock:
