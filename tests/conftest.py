@@ -114,7 +114,9 @@ def toy(tmp_path, empty_mlflow_store):
     from toy_sweep import ToySweep
 
     shutil.copy(empty_mlflow_store, tmp_path / "mlflow.db")
-    return ToySweep(tmp_path)
+    toy = ToySweep(tmp_path)
+    yield toy
+    toy.close()
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -23,7 +23,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import optuna
 import pytest
 from conftest import create_database, free_port, wait_for_http
 from mlflow.tracking import MlflowClient
@@ -162,13 +161,11 @@ def test_a_sweep_runs_through_a_locked_tracking_server_that_refuses_anyone_else(
 
     # end to end, read back by the reader: runs, the best tag, a registered version, the alias
     login(monkeypatch, reader)
-    storage = optuna.storages.RDBStorage(storage_url)
+    toy.storage, toy.tracking_uri = storage_url, url
     try:
-        toy.storage = storage
-        toy.tracking_uri = url
         check_invariant(toy, n_trials=N_TRIALS)
     finally:
-        storage.engine.dispose()
+        toy.close()
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("toy").experiment_id
     (best,) = [r for r in toy.runs() if r.data.tags.get("best_run") == "true"]

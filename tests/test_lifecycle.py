@@ -179,7 +179,10 @@ def test_a_lost_host_is_found_by_its_silent_heartbeat_on_postgres(tmp_path, post
     from conftest import create_database
 
     toy = ToySweep(tmp_path, storage=create_database(postgres, "optuna_lost_host"))
-    seconds = lost_host(toy)
+    try:
+        seconds = lost_host(toy)
+    finally:
+        toy.close()
     print(f"lost host detected after {seconds:.1f} s on PostgreSQL (grace 4 s, interval 1 s)")
     assert seconds <= 4 + 1 + 1.5
 

@@ -243,8 +243,11 @@ def test_no_password_in_any_output_of_a_sweep_with_two_workers(tmp_path, stores,
         for experiment in MlflowClient(stores.mlflow).search_experiments():
             assert str(tmp_path / "mlruns") in experiment.artifact_location  # searched above
 
-        toy = ToySweep(tmp_path, storage=storage)
-        toy.tracking_uri = stores.mlflow
-        check_invariant(toy, n_trials=N_TRIALS)
     finally:
         storage.engine.dispose()
+    toy = ToySweep(tmp_path, storage=stores.optuna)
+    toy.tracking_uri = stores.mlflow
+    try:
+        check_invariant(toy, n_trials=N_TRIALS)
+    finally:
+        toy.close()

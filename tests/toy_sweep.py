@@ -22,6 +22,20 @@ class ToySweep:
         self.path = path
         self.storage = storage or f"sqlite:///{path}/optuna.db"
         self.tracking_uri = f"sqlite:///{path}/mlflow.db"
+        self._opened: optuna.storages.RDBStorage | None = None
+
+    def opened_storage(self) -> optuna.storages.RDBStorage:
+        """One storage (one connection pool) for all reads of this test; `close` releases it."""
+        if self._opened is None:
+            self._opened = optuna.storages.RDBStorage(self.storage)
+        return self._opened
+
+    def close(self) -> None:
+        """Close the pooled connections (a PostgreSQL one left open warns when collected)."""
+        if self._opened is not None:
+            self._opened.remove_session()
+            self._opened.engine.dispose()
+            self._opened = None
 
     def command(self, *overrides: str) -> list[str]:
         return [
@@ -71,7 +85,7 @@ class ToySweep:
         return self.study_named("toy")
 
     def study_named(self, name: str) -> optuna.Study:
-        return optuna.load_study(study_name=name, storage=self.storage)
+        return optuna.load_study(study_name=name, storage=self.opened_storage())
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
@@ -94,7 +108,7 @@ def check_invariant(toy: ToySweep, n_trials: int = 3, ends: int = 1) -> None:
     trials = study.get_trials()
     assert [t for t in trials if t.state == TrialState.RUNNING] == []
     assert len([t for t in trials if t.state in FINISHED]) == n_trials
-    assert optuna.get_all_study_names(toy.storage) == ["toy"]  # no helper studies
+    assert optuna.get_all_study_names(toy.opened_storage()) == ["toy"]  # no helper studies
     runs = toy.runs()
     assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
     parents = [r for r in runs if r.data.tags.get("sweep.role") == "sweep"]
