@@ -1,5 +1,14 @@
 """Errors a user can fix: the sweep prints them as one `Error:` line, without a traceback."""
 
+import re
+
+
+def mask_url(url: str | None) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (for any message)."""
+    if not url:
+        return str(url)
+    return re.sub(r"(://[^/:@]*):[^@/]*@", r"\1:***@", url)
+
 
 class SweepError(Exception):
     """Base of the errors whose message is meant for the person who ran the sweep (exit 2)."""
