@@ -1,11 +1,18 @@
 """Pruning benchmark: the same seeded sweep without a pruner and with one, on real MNIST.
 
     python -m benchmarks.bench_pruning --data DIR [--trials 12 --epochs 6 --pruners none,median]
+    python -m benchmarks.bench_pruning --data DIR --pareto [--trials 16 --epochs 5]
 
 DIR holds MNIST/raw/ in torchvision's layout: full MNIST (the data/ a sweep downloads into) or,
 as for the README's numbers, an 8k/2k real-MNIST subset (the workspace's mnist_subset.py tool
 writes one). Run it from the repository root. --batches N trains N batches per epoch
 (trainer.limit_train_batches) instead of full epochs, for a quicker run.
+
+--pareto runs the multi-objective preset (sweep=pareto: val_acc against n_params, searching
+dropout, lr and model.width) without a pruner and with the median pruner, and prints both
+fronts: the epochs saved, and how the front found with pruning differs from the one without
+(its members, and the hypervolume: the share of [0, 1] x [0, n_params of width 1.0] the front
+dominates, higher is better).
 """
 
 from __future__ import annotations
@@ -49,6 +56,91 @@ def pruned_sweep(
     }
 
 
+def pareto_sweep(data: Path, work: Path, pruner: str, trials: int, epochs: int, *overrides) -> dict:
+    """The multi-objective preset with `pruner`: what it trained, and its Pareto front."""
+    name = f"pareto-{pruner}"
+    wall = run_sweep(
+        data,
+        work,
+        name,
+        "sweep=pareto",
+        f"trainer.max_epochs={epochs}",
+        f"hydra.sweeper.n_trials={trials}",
+        f"hydra.sweeper.pruner={pruner}",
+        *overrides,
+    )
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{work}/optuna.db")
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    front = sorted(
+        (
+            {
+                "width": t.params["model.width"],
+                "dropout": t.params["model.dropout"],
+                "lr": t.params["model.lr"],
+                "val_acc": t.values[0],
+                "n_params": int(t.values[1]),
+            }
+            for t in study.best_trials  # Optuna's Pareto front of the complete trials
+        ),
+        key=lambda r: r["n_params"],
+    )
+    return {
+        "pruner": pruner,
+        "epochs": sum(len(t.intermediate_values) for t in finished),
+        "wall_s": wall,
+        "pruned": sum(t.state == TrialState.PRUNED for t in finished),
+        "front": front,
+        "hypervolume": hypervolume(front),
+    }
+
+
+FULL_WIDTH_PARAMS = 1_379_557  # the given CNN (model.width=1.0): the reference point's cost
+
+
+def hypervolume(front: list[dict]) -> float:
+    """Share of [0, 1] val_acc x [0, FULL_WIDTH_PARAMS] parameters that the front dominates."""
+    area, points = 0.0, sorted(front, key=lambda r: r["n_params"])
+    for point, following in zip(points, [*points[1:], None], strict=True):
+        upto = following["n_params"] if following else FULL_WIDTH_PARAMS
+        area += point["val_acc"] * max(upto - point["n_params"], 0)
+    return area / FULL_WIDTH_PARAMS
+
+
+def compare_pareto(data: Path, trials: int, epochs: int, *overrides: str) -> list[dict]:
+    """The multi-objective preset without a pruner, then with the median pruner."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return [
+            pareto_sweep(data, Path(tmp), p, trials, epochs, *overrides) for p in ("none", "median")
+        ]
+
+
+def same_members(a: dict, b: dict) -> int:
+    """Front members (by parameters) that both fronts share."""
+    key = lambda r: (r["width"], r["dropout"], r["lr"])  # noqa: E731
+    return len({key(r) for r in a["front"]} & {key(r) for r in b["front"]})
+
+
+def print_pareto(results: list[dict]) -> None:
+    none, median = results
+    saved = saved_share(results)
+    head = ("epochs", 8), ("saved", 8), ("pruned", 8), ("wall s", 9), ("front", 7)
+    print(f"{'pruner':<8}" + "".join(f"{h:>{w}}" for h, w in head) + f"{'hypervolume':>13}")
+    for r in results:
+        print(
+            f"{r['pruner']:<8}{r['epochs']:>8}{1 - r['epochs'] / none['epochs']:>8.0%}"
+            f"{r['pruned']:>8}{r['wall_s']:>9.0f}{len(r['front']):>7}{r['hypervolume']:>13.4f}"
+        )
+    print(f"fronts share {same_members(none, median)} member(s); median saved {saved:.0%} epochs")
+    for r in results:
+        print(f"front with pruner {r['pruner']}:")
+        print(f"  {'width':>6} {'dropout':>8} {'lr':>9} {'val_acc':>8} {'n_params':>9}")
+        for p in r["front"]:
+            print(
+                f"  {p['width']:>6.3f} {p['dropout']:>8.3f} {p['lr']:>9.2e} {p['val_acc']:>8.4f} "
+                f"{p['n_params']:>9}"
+            )
+
+
 def compare_pruners(
     data: Path, pruners: list[str], trials: int, epochs: int, *overrides: str
 ) -> list[dict]:
@@ -70,8 +162,16 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--pruners", default="none,median", help="the first is the baseline")
+    parser.add_argument("--pareto", action="store_true", help="the multi-objective preset")
     args = parser.parse_args()
     data = data_folder(args.data)
+    if args.pareto:
+        results = compare_pareto(data, args.trials, args.epochs, *limit_batches(args.batches))
+        print(
+            f"sweep=pareto, {args.trials} trials, up to {args.epochs} epochs; {describe_data(data)}"
+        )
+        print_pareto(results)
+        return
     results = compare_pruners(
         data, args.pruners.split(","), args.trials, args.epochs, *limit_batches(args.batches)
     )

@@ -11,12 +11,12 @@ A short probe times Lightning's training steps on this machine first; each bench
 (repeats, images per epoch, trials, epochs, batches per epoch) is then chosen so that the whole
 run fits the budget (default 300 s, meant as about 5 minutes on a GPU machine; the sizing is
 estimated from the probe and the first sweep, so allow some slack). Where the budget
-is too small for a benchmark's reference size (12 trials x 6 epochs for pruning, 6 x 2 for the
-workers), it keeps the trials and epochs as long as it can and trains fewer batches per epoch
+is too small for a benchmark's reference size (12 trials x 6 epochs for pruning, 8 x 4 for
+pruning with two objectives, 6 x 2 for the workers), it keeps the trials and epochs as long as it can and trains fewer batches per epoch
 (trainer.limit_train_batches), then shrinks the trials and epochs; the table says what ran. On
 a CPU the budget is usually too small for full MNIST: the sizes shrink, or pass a larger
 --budget-s. --quick runs every benchmark at a smoke-test size (2-3 minutes on a 2-core CPU,
-most of it the five sweeps' start-up), where the targets mean nothing and are not judged.
+most of it the seven sweeps' start-up), where the targets mean nothing and are not judged.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ class BenchmarkRun:
             return costs.sweep_s(t, e, b) + costs.sweep_s(t, e * PRUNED_SHARE, b)
 
         ladder = [(12, 6), (10, 5), (8, 4), (6, 3)]
-        return plan_sweep(costs, 0.65 * self.clock.left, ladder, cost)
+        return plan_sweep(costs, 0.45 * self.clock.left, ladder, cost)
 
     def pruning(self) -> None:
         trials, epochs, n = self.pruning_size()
@@ -298,6 +298,43 @@ class BenchmarkRun:
                 f"{none['best']:.4f} vs {median['best']:.4f} ({gap:+.2f} pp)",
                 f"within {bench_pruning.BEST_WITHIN_PP} pp",
                 self.judge(abs(gap) <= bench_pruning.BEST_WITHIN_PP),
+            )
+        )
+
+    def pareto_size(self) -> tuple[int, int, int]:
+        """(trials, epochs, batches per epoch) for the two-objective sweeps."""
+        if self.quick:
+            return 4, 2, 10
+        costs = self.costs
+
+        def cost(t: int, e: int, b: int) -> float:
+            return costs.sweep_s(t, e, b) + costs.sweep_s(t, e * PRUNED_SHARE, b)
+
+        ladder = [(8, 4), (6, 3), (4, 2)]
+        return plan_sweep(costs, 0.5 * self.clock.left, ladder, cost)
+
+    def pareto(self) -> None:
+        trials, epochs, n = self.pareto_size()
+        results = bench_pruning.compare_pareto(
+            self.data_root, trials, epochs, *self.accel, *limit(n, self.costs)
+        )
+        none, median = results
+        saved = bench_pruning.saved_share(results)
+        size = epochs_text(trials, epochs, n, self.costs)
+        self.rows.append(
+            Row(
+                "pruning, 2 objectives",
+                f"epochs, no pruner vs median (sweep=pareto, {size}, {self.on})",
+                f"{none['epochs']} vs {median['epochs']} ({-saved:+.0%})",
+            )
+        )
+        self.rows.append(
+            Row(
+                "pruning, 2 objectives",
+                "Pareto front, no pruner vs median: members (shared), hypervolume",
+                f"{len(none['front'])} vs {len(median['front'])} "
+                f"({bench_pruning.same_members(none, median)}), "
+                f"{none['hypervolume']:.4f} vs {median['hypervolume']:.4f}",
             )
         )
 
@@ -364,6 +401,7 @@ def main() -> None:
         run.step("sweep overhead", lambda: run.overhead(work))
         run.step("accuracy", lambda: run.accuracy(work))
     run.step("pruning", run.pruning)
+    run.step("pruning, 2 objectives", run.pareto)
     run.step("parallel", run.parallel)
 
     total, rows = clock.elapsed, run.rows

@@ -23,6 +23,8 @@ class DataConfig:
 class ModelConfig:
     dropout: float = MISSING  # dropout before the last layer, in [0, 1)
     lr: float = MISSING  # Adam learning rate, > 0
+    # multiplies the conv channels and the hidden FC units; 1.0 is the given CNN (32/64/128, 625)
+    width: float = 1.0
 
 
 @dataclass
@@ -47,7 +49,10 @@ class MLflowConfig:
 @dataclass
 class AppConfig:
     seed: int = MISSING
-    metric: str = MISSING  # the validation metric the study optimises: val_acc or val_loss
+    # the validation metric the study optimises: val_acc or val_loss; or a list for several
+    # objectives, e.g. [val_acc, n_params] (the first one a validation metric: it is reported per
+    # epoch, for pruning)
+    metric: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -55,6 +60,7 @@ class AppConfig:
 
 
 METRICS = {"val_acc": "maximize", "val_loss": "minimize"}
+COSTS = {"n_params": "minimize"}  # known before training; a second objective only
 
 
 def register_configs() -> None:
@@ -63,8 +69,15 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("direction_of", direction_of, replace=True)
 
 
-def direction_of(metric: str) -> str:
-    return METRICS.get(metric, "maximize")
+def direction_of(metric: Any) -> Any:
+    """maximize val_acc, minimize val_loss and n_params; a list for a list."""
+    if isinstance(metric, str):
+        return (METRICS | COSTS).get(metric, "maximize")
+    return [direction_of(m) for m in metric]
+
+
+def metrics_of(cfg: DictConfig | AppConfig) -> list[str]:
+    return [cfg.metric] if isinstance(cfg.metric, str) else list(cfg.metric)
 
 
 class ConfigValueError(UserFacingError, ValueError):
@@ -93,8 +106,16 @@ def check_config(cfg: DictConfig | AppConfig) -> None:
             f"trainer.devices={cfg.trainer.devices}: a trial trains on one device; run trials in "
             f"parallel with hydra.sweeper.n_jobs instead"
         )
-    if cfg.metric not in METRICS:
+    if not 0.0 < cfg.model.width <= 4.0:
+        problems.append(f"model.width={cfg.model.width} must be in (0, 4]")
+    names = metrics_of(cfg)
+    if not names or names[0] not in METRICS:
         problems.append(f"metric={cfg.metric!r} must be one of {', '.join(METRICS)}")
+    elif len(names) > 1 and any(n not in METRICS | COSTS for n in names[1:]):
+        known = ", ".join(METRICS | COSTS)
+        problems.append(f"metric={list(names)}: each must be one of {known}")
+    elif len(set(names)) != len(names):
+        problems.append(f"metric={list(names)} names an objective twice")
     if problems:
         raise ConfigValueError("; ".join(problems))
 

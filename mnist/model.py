@@ -15,27 +15,33 @@ class NonFiniteLossError(UserFacingError, RuntimeError):
     """Training produced a NaN or infinite loss: the trial diverged."""
 
 
+def widths(width: float) -> tuple[int, int, int, int]:
+    """The conv channels and hidden FC units at `width` (1.0: 32, 64, 128 and 625)."""
+    return tuple(max(1, round(n * width)) for n in (32, 64, 128, 625))  # type: ignore[return-value]
+
+
 class MNISTClassifier(pl.LightningModule):
-    def __init__(self, dropout: float = 0.1, lr: float = 1e-3) -> None:
+    def __init__(self, dropout: float = 0.1, lr: float = 1e-3, width: float = 1.0) -> None:
         super().__init__()
         self.save_hyperparameters()
+        c1, c2, c3, hidden = widths(width)  # width 1.0 is exactly the given CNN
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, kernel_size=3, padding=1),
+            nn.Conv2d(1, c1, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),  # 28 -> 14
-            nn.Conv2d(32, 64, kernel_size=3, padding=1),
+            nn.Conv2d(c1, c2, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),  # 14 -> 7
-            nn.Conv2d(64, 128, kernel_size=3, padding=1),
+            nn.Conv2d(c2, c3, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2, padding=1),  # 7 -> 4
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(4 * 4 * 128, 625),
+            nn.Linear(4 * 4 * c3, hidden),
             nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Linear(625, 10),
+            nn.Linear(hidden, 10),
         )
         # one metric object per stage: a shared one would mix train and val counts. Training
         # keeps plain running sums instead (loss x images, correct; images seen in an int):
@@ -45,6 +51,11 @@ class MNISTClassifier(pl.LightningModule):
         self._train_seen = 0
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+
+    @property
+    def n_params(self) -> int:
+        """Trainable parameters: the cost objective of a multi-objective sweep."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

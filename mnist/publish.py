@@ -47,12 +47,12 @@ def save_checkpoint(run_id: str, model: MNISTClassifier) -> None:
         mlflow.MlflowClient().log_artifact(run_id, str(path), str(Path(CHECKPOINT).parent))
 
 
-def load_checkpoint(run_id: str, dropout: float) -> MNISTClassifier:
+def load_checkpoint(run_id: str, dropout: float, width: float = 1.0) -> MNISTClassifier:
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.MlflowClient().download_artifacts(run_id, CHECKPOINT, tmp)
         # weights only: a checkpoint is data, never code to run
         state = torch.load(path, map_location="cpu", weights_only=True)
-    model = MNISTClassifier(dropout=dropout)
+    model = MNISTClassifier(dropout=dropout, width=width)
     model.load_state_dict(state)
     return model.eval()
 
@@ -68,7 +68,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 def publish_best(run_id: str, config: DictConfig) -> float:
     """Test the run's checkpoint once (test_acc on the run), log it as MLflow Model `model`."""
-    cnn = load_checkpoint(run_id, config.model.dropout)
+    cnn = load_checkpoint(run_id, config.model.dropout, config.model.width)
     data = load_mnist(config.data.root, val_size=1, download=False)  # only the test split is used
     test_acc = accuracy(cnn, data.test.images, data.test.labels)
     reader = DigitReader(cnn).eval()

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from hydra_plugins.mlflow_optuna_sweeper.job import PruningCallback, current_trial
-from mnist.config import check_config, flatten
+from mnist.config import check_config, flatten, metrics_of
 from mnist.data import ensure_mnist, load_mnist
 from mnist.model import MNISTClassifier, NonFiniteLossError
 from mnist.publish import save_checkpoint
@@ -83,8 +83,11 @@ def tracking_uri(cfg: DictConfig, start_dir: Path) -> str:
     return uri
 
 
-def run(cfg: DictConfig, start_dir: str | Path | None = None) -> float:
+def run(cfg: DictConfig, start_dir: str | Path | None = None) -> float | dict[str, float]:
     """Train once with cfg, log to MLflow, return cfg.metric of the last epoch.
+
+    With several metrics (metric=[val_acc, n_params]) a dict of them, as a multi-objective
+    sweep wants it.
 
     Relative paths (data.root, a sqlite tracking URI) resolve against start_dir (default: cwd).
     """
@@ -108,22 +111,26 @@ def run(cfg: DictConfig, start_dir: str | Path | None = None) -> float:
         mlflow.log_params({k: v for k, v in flatten(cfg).items() if k not in skip})
         if not in_sweep:
             mlflow.set_tag("sweep.role", "run")
-        pruning = PruningCallback(cfg.metric)
+        names = metrics_of(cfg)
+        pruning = PruningCallback(names[0])  # the first objective is the one reported per epoch
         started = time.perf_counter()
         try:
-            value, model = train(cfg, start_dir, device, [EpochLogger(), pruning], verbose)
+            values, model = train(cfg, start_dir, device, [EpochLogger(), pruning], verbose)
         except Exception as err:
             mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
             raise
         mlflow.log_metric("train_seconds", time.perf_counter() - started, step=0)
         if pruning.pruned_at_epoch is None:  # the sweep publishes a trial's own weights
             save_checkpoint(active.info.run_id, model)
-        return value
+        if isinstance(cfg.metric, str):
+            return values[cfg.metric]
+        return {name: values[name] for name in names}
 
 
 def train(
     cfg: DictConfig, start_dir: Path, device: torch.device, callbacks: list, verbose: bool
-) -> tuple[float, MNISTClassifier]:
+) -> tuple[dict[str, float], MNISTClassifier]:
+    """Fit the CNN; return the last epoch's val_acc and val_loss, n_params, and the model."""
     data = load_mnist(
         start_dir / cfg.data.root,
         batch_size=cfg.data.batch_size,
@@ -132,7 +139,8 @@ def train(
         device=device,
         download=False,
     )
-    model = MNISTClassifier(dropout=cfg.model.dropout, lr=cfg.model.lr)
+    model = MNISTClassifier(dropout=cfg.model.dropout, lr=cfg.model.lr, width=cfg.model.width)
+    mlflow.log_metric("n_params", model.n_params, step=0)
     trainer = build_trainer(
         device,
         callbacks=callbacks,
@@ -143,7 +151,8 @@ def train(
         deterministic=cfg.trainer.deterministic,
     )
     trainer.fit(model, train_dataloaders=data.train, val_dataloaders=data.val)
-    value = trainer.callback_metrics[cfg.metric].item()
-    if not math.isfinite(value):
-        raise NonFiniteLossError(f"{cfg.metric} is {value} after training: the trial diverged")
-    return value, model
+    values = {k: trainer.callback_metrics[k].item() for k in ("val_acc", "val_loss")}
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"{name} is {value} after training: the trial diverged")
+    return values | {"n_params": float(model.n_params)}, model

@@ -17,7 +17,19 @@ def test_cnn_architecture():
     dropout = [m for m in model.classifier if isinstance(m, torch.nn.Dropout)]
     assert dropout[0].p == 0.25
     assert model.configure_optimizers().param_groups[0]["lr"] == 0.01
-    assert MNISTClassifier().hparams == {"dropout": 0.1, "lr": 1e-3}
+    assert MNISTClassifier().hparams == {"dropout": 0.1, "lr": 1e-3, "width": 1.0}
+    assert model.n_params == 1_379_557  # 320 + 18_496 + 73_856 + 1_280_625 + 6_260
+
+
+def test_width_scales_every_layer_and_the_cost():
+    half = MNISTClassifier(width=0.5)
+    convs = [m for m in half.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 16), (16, 32), (32, 64)]
+    fcs = [m for m in half.classifier if isinstance(m, torch.nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(4 * 4 * 64, 312), (312, 10)]
+    assert half(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    sizes = [MNISTClassifier(width=w).n_params for w in (0.25, 0.5, 1.0, 1.5)]
+    assert sizes == sorted(sizes) and sizes[0] < 100_000 < 1_000_000 < sizes[2]
 
 
 def test_splits_are_seeded_tensors(mnist_root):

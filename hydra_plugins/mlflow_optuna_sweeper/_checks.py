@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.mlflow_optuna_sweeper import _runs, _space
-from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError
+from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError, mask_url
+from hydra_plugins.mlflow_optuna_sweeper._objectives import MULTI_OBJECTIVE_REFUSED, Objectives
 from hydra_plugins.mlflow_optuna_sweeper._study import make_pruner, make_sampler, make_storage
 from hydra_plugins.mlflow_optuna_sweeper._warm import check_enqueue
 
@@ -22,13 +23,6 @@ IN_PROCESS_LAUNCHERS = ("BasicLauncher",)
 MAX_TRIALS = 1_000_000
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
-
-
-def mask_url(url: str | None) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db."""
-    if not url:
-        return str(url)
-    return re.sub(r"(://[^/:@]*):[^@/]*@", r"\1:***@", url)
 
 
 @dataclass
@@ -41,6 +35,7 @@ class Plan:
     storage_url: str | None
     tracking_uri: str
     experiment_name: str
+    objectives: Objectives
     timeout_s: float | None = None
     enqueue: list | None = None
 
@@ -88,11 +83,7 @@ class Checks:
                 f"hydra.sweeper.trial_timeout={s.trial_timeout} must be a number of seconds > 0, "
                 f"or null for no limit"
             )
-        direction = str(s.direction).lower()
-        if direction not in ("maximize", "minimize"):
-            raise SweepConfigError(
-                f"hydra.sweeper.direction={s.direction} must be maximize or minimize"
-            )
+        objectives = Objectives.from_settings(s.direction, s.metric, s.champion)
         space, fixed = _space.parse(s.params, arguments)
         if not space:
             raise SweepConfigError(
@@ -108,6 +99,17 @@ class Checks:
         self.check_corners(space, fixed, base)
         sampler = make_sampler(s.sampler, s.seed, space)
         pruner = make_pruner(s.pruner)
+        if objectives.multi:
+            instead = {
+                sampler: "sampler tpe, nsga2 or random",
+                pruner: "pruner median, percentile, successive_halving or threshold",
+            }
+            for part, other in instead.items():
+                if type(part).__name__ in MULTI_OBJECTIVE_REFUSED:
+                    raise SweepConfigError(
+                        f"{type(part).__name__} cannot work with several objectives "
+                        f"(hydra.sweeper.direction={list(objectives.directions)}): use {other}"
+                    )
         storage = _runs.absolute_uri(str(s.storage), self.start_dir) if s.storage else None
         launcher = type(self.launcher).__name__
         if storage is None and launcher not in IN_PROCESS_LAUNCHERS:
@@ -136,7 +138,7 @@ class Checks:
         experiment = s.experiment_name or self.config.hydra.job.name
         return Plan(
             space, fixed, base, sampler, pruner, storage, _runs.absolute_uri(uri, self.start_dir),
-            str(experiment), timeout_s, enqueue,
+            str(experiment), objectives, timeout_s, enqueue,
         )  # fmt: skip
 
     def check_corners(self, space: dict, fixed: list[str], base: DictConfig) -> None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
+
+if TYPE_CHECKING:
+    from hydra_plugins.mlflow_optuna_sweeper._objectives import Objectives
 
 IMPORTED = "imported_from"  # a trial of an earlier study, given to the sampler (see _warm.py)
 
@@ -21,6 +23,11 @@ def short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def number(value: float) -> str:
+    """An objective's value: 0.9812, or 87486 for a count (a parameter count, a latency in us)."""
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.0f}"
 
 
 def duration(seconds: float) -> str:
@@ -41,15 +48,18 @@ def progress_line(
     trial: optuna.trial.FrozenTrial,
     finished: int,
     n_trials: int,
-    metric: str,
+    objectives: Objectives,
     seconds: float,
     seconds_left: float | None,
 ) -> str:
     params = " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in trial.params.items())
-    value = f"{metric}={trial.value:.4f}" if trial.value is not None else f"{metric}=-"
+    if trial.values is not None:
+        value = " ".join(f"{k}={number(v)}" for k, v in objectives.of(trial).items())
+    else:
+        value = f"{objectives.metric}=-"
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         epoch = max(trial.intermediate_values)
-        value = f"{metric}={trial.intermediate_values[epoch]:.4f} (epoch {epoch})"
+        value = f"{objectives.metric}={trial.intermediate_values[epoch]:.4f} (epoch {epoch})"
     left = f", ~{duration(seconds_left)} left" if seconds_left is not None else ""
     reason = trial.user_attrs.get("fail_reason")
     why = f" ({reason})" if trial.state == TrialState.FAIL and reason else ""
@@ -102,38 +112,30 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return out
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best COMPLETE trial with a finite value (pruned and failed ones never win)."""
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and math.isfinite(t.value) and IMPORTED not in t.user_attrs
-    ]
-    if not complete:
-        return None
-    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    return pick(complete, key=lambda t: t.value)
-
-
-def table(study: optuna.Study, metric: str) -> str:
+def table(study: optuna.Study, objectives: Objectives) -> str:
+    """Every trial: its parameters, objectives, state and time; the best (and the front) marked."""
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
-    best = best_trial(study)
-    header = ["#", *[k.split(".")[-1] for k in keys], metric, "state", "seconds", ""]
+    best = objectives.best(study)
+    front = {t.number for t in objectives.front(study)} if objectives.multi else set()
+    header = ["#", *[k.split(".")[-1] for k in keys], *objectives.names, "state", "seconds", ""]
     rows = [header]
     for t in trials:
-        value = t.value
-        if value is None and t.intermediate_values:
-            value = t.intermediate_values[max(t.intermediate_values)]
+        values = list(t.values) if t.values is not None else [None] * len(objectives.names)
+        if t.values is None and t.intermediate_values:  # a pruned trial: its last epoch
+            values[0] = t.intermediate_values[max(t.intermediate_values)]
         seconds = trial_seconds(t)
+        mark = "<- best" if best is not None and t.number == best.number else ""
+        if t.number in front:
+            mark = "front" + (", best" if mark else "")
         rows.append(
             [
                 str(t.number),
                 *[short(t.params[k]) if k in t.params else "-" for k in keys],
-                f"{value:.4f}" if value is not None else "-",
+                *[number(v) if v is not None else "-" for v in values],
                 "IMPORTED" if IMPORTED in t.user_attrs else t.state.name,
                 f"{seconds:.1f}" if seconds is not None else "-",
-                "<- best" if best is not None and t.number == best.number else "",
+                mark,
             ]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -144,26 +146,34 @@ def table(study: optuna.Study, metric: str) -> str:
 def write_results(
     path: Path,
     study: optuna.Study,
-    metric: str,
+    objectives: Objectives,
     best_run_id: str | None,
     parent_run_id: str | None,
     tracking_uri: str,
     published: Any = None,
 ) -> dict[str, Any]:
-    best = best_trial(study)
+    best = objectives.best(study)
     results: dict[str, Any] = {
         "name": "optuna",
         "study_name": study.study_name,
-        "direction": study.direction.name.lower(),
-        "metric": metric,
+        "direction": objectives.directions[0],
+        "metric": objectives.metric,
         "trials": counts(study),
         "best_params": dict(best.params) if best else None,
-        "best_value": float(best.value) if best else None,
+        "best_value": float(best.values[0]) if best else None,
         "best_trial": best.number if best else None,
         "best_run_id": best_run_id,
         "parent_run_id": parent_run_id,
         "tracking_uri": tracking_uri,
     }
+    if objectives.multi:  # the lists, and the Pareto front by trial number
+        results |= {
+            "direction": list(objectives.directions),
+            "metric": list(objectives.names),
+            "best_values": objectives.of(best) if best else None,
+            "champion_rule": objectives.rule(),
+            "pareto_front": [t.number for t in objectives.front(study)],
+        }
     if published is not None:
         results |= {
             "model_uri": published.model_uri,

@@ -13,12 +13,15 @@ from typing import Any
 from hydra.utils import instantiate
 
 from hydra_plugins.mlflow_optuna_sweeper import _console, _registry, _report, _runs, _space
-from hydra_plugins.mlflow_optuna_sweeper._checks import Plan, mask_url
+from hydra_plugins.mlflow_optuna_sweeper._checks import Plan
 from hydra_plugins.mlflow_optuna_sweeper._claim import EndClaim, Published
+from hydra_plugins.mlflow_optuna_sweeper._errors import mask_url
 from hydra_plugins.mlflow_optuna_sweeper._faults import crash_point
 from hydra_plugins.mlflow_optuna_sweeper._loop import settle_runs
+from hydra_plugins.mlflow_optuna_sweeper._objectives import KNEE, Objectives
 
 log = logging.getLogger(__name__)
+PARETO_TAG = "pareto_front"
 
 
 class SweepEnd:
@@ -65,15 +68,20 @@ class SweepEnd:
     def end_steps(self, study, client, parent: str, plan: Plan, claim: EndClaim) -> Any:
         """Tag the best run, publish and register its model, report, end the parent run."""
         settle_runs(client, study)
-        best = _console.best_trial(study)
+        objectives = plan.objectives
+        if objectives.multi:
+            self.mark_front(study, client, parent, objectives)
+        best = objectives.best(study)
         best_run_id = best.user_attrs.get("mlflow_run_id") if best else None
         if best_run_id and _runs.run_or_none(client, best_run_id) is None:
             log.warning("the best trial's run %s was deleted: nothing to tag", best_run_id)
             best_run_id = None
         published = None
+        if best is None:
+            _runs.clear_best(client, parent)  # no champion meets the constraints (any more)
         if best is not None and best_run_id:
             for note in _runs.mark_best(
-                client, parent, best_run_id, best.number, best.params, self.s.metric, best.value
+                client, parent, best_run_id, best.number, best.params, objectives.of(best)
             ):
                 log.warning(note)
             crash_point("end-tagged")
@@ -82,9 +90,11 @@ class SweepEnd:
                 claim.record("published")
                 crash_point("end-published")
             if self.s.registry.name and self.s.registry.model:
-                published = self.register(study, best, best_run_id, parent, client, claim)
+                published = self.register(
+                    study, objectives, best, best_run_id, parent, client, claim
+                )
         with tempfile.TemporaryDirectory() as tmp:
-            if _report.write_plots(study, Path(tmp)):
+            if _report.write_plots(study, Path(tmp), objectives):
                 client.log_artifacts(parent, tmp, "report")
         crash_point("end-reported")
         done = _console.counts(study)
@@ -101,7 +111,7 @@ class SweepEnd:
         results = _console.write_results(
             Path(self.sweep_dir) / "optimization_results.yaml",
             study,
-            self.s.metric,
+            objectives,
             best_run_id,
             parent,
             mask_url(plan.tracking_uri),
@@ -128,12 +138,16 @@ class SweepEnd:
             if _runs.is_running(client, best_run_id):  # a hook that reopened the run
                 _runs.end_run(client, best_run_id, "FINISHED", {})
 
-    def register(self, study, best, best_run_id: str, parent: str, client, claim) -> Published:
+    def register(
+        self, study, objectives: Objectives, best, best_run_id: str, parent: str, client, claim
+    ) -> Published:
         reg = self.s.registry
-        metric = reg.metric or self.s.metric
-        maximize = str(reg.direction or study.direction.name).lower() == "maximize"
+        # ranked on the registry's metric, else on the objective the champion is chosen by
+        metric = reg.metric or (objectives.metric if objectives.by == KNEE else objectives.by)
+        direction = reg.direction or objectives.direction_of(metric) or objectives.directions[0]
+        maximize = str(direction).lower() == "maximize"
         value = client.get_run(best_run_id).data.metrics.get(metric)
-        if value is not None and metric != self.s.metric:
+        if value is not None and metric not in objectives.names:
             _runs.log_metrics(client, parent, {metric: value}, step=0)
         uri = _registry.logged_model_uri(client, best_run_id, reg.model)
         if uri is None:
@@ -152,7 +166,7 @@ class SweepEnd:
                 "optuna.trial_number": best.number,
                 "parent_run_id": parent,
                 "run_id": best_run_id,
-                self.s.metric: f"{best.value:.6f}",
+                **{k: f"{v:.6f}" for k, v in objectives.of(best).items()},
                 **({metric: f"{value:.6f}"} if value is not None else {}),
             },
         )
@@ -165,21 +179,56 @@ class SweepEnd:
         crash_point("end-aliased")
         return published
 
+    def mark_front(self, study, client, parent: str, objectives: Objectives) -> None:
+        """Tag the Pareto front's runs (only they), and put the front on the parent as a table."""
+        front = objectives.front(study)
+        on_front = {t.user_attrs.get("mlflow_run_id") for t in front} - {None}
+        for run in _runs.children(client, parent, "tags.pareto_front = 'true'"):
+            if run.info.run_id not in on_front:  # a continued study moved the front
+                client.delete_tag(run.info.run_id, PARETO_TAG)
+        for run_id in on_front:
+            if _runs.run_or_none(client, run_id) is not None:
+                client.set_tag(run_id, PARETO_TAG, "true")
+        rows = [
+            {
+                "trial": t.number,
+                **t.params,
+                **objectives.of(t),
+                "run_id": t.user_attrs.get("mlflow_run_id"),
+            }
+            for t in sorted(front, key=lambda t: t.values[0])
+        ]
+        if rows:
+            _runs.log_table(client, parent, rows, "pareto_front.json")
+        crash_point("end-front-tagged")
+
     def summary(self, study, plan: Plan, parent_run_id: str | None) -> str:
-        metric = self.s.metric
+        objectives = plan.objectives
         done = _console.counts(study)
-        best = _console.best_trial(study)
+        best = objectives.best(study)
         lines = [
             "",
-            _console.table(study, metric),
+            _console.table(study, objectives),
             "",
             f"{done['complete']} complete, {done['pruned']} pruned, {done['failed']} failed",
         ]
+        front = objectives.front(study) if objectives.multi else []
+        if front:
+            lines.append(
+                f"Pareto front: trial{'s' if len(front) > 1 else ''} "
+                f"{', '.join(str(t.number) for t in front)} (tagged pareto_front=true)"
+            )
+        what = f"champion ({objectives.rule()})" if objectives.multi else "best"
         if best is not None:
             params = ", ".join(f"{k}={_console.short(v)}" for k, v in best.params.items())
             lines.append(
-                f"best: trial {best.number} {metric}={best.value:.4f} ({params}), "
+                f"{what}: trial {best.number} {objectives.show(best)} ({params}), "
                 f"run {best.user_attrs.get('mlflow_run_id')}"
+            )
+        elif front:
+            lines.append(
+                f"no run of the Pareto front meets {' and '.join(map(str, objectives.where))}: "
+                f"nothing is tagged best_run, published or registered"
             )
         else:
             lines.append("no trial completed, so there is no best run")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import threading
@@ -19,6 +18,7 @@ from optuna.trial import TrialState
 from hydra_plugins.mlflow_optuna_sweeper import _console, _runs, _space, job
 from hydra_plugins.mlflow_optuna_sweeper._errors import SweepStopped
 from hydra_plugins.mlflow_optuna_sweeper._faults import crash_point
+from hydra_plugins.mlflow_optuna_sweeper._objectives import Objectives
 from hydra_plugins.mlflow_optuna_sweeper._study import (
     FAILURE,
     PRUNED_AT,
@@ -66,7 +66,7 @@ def deadline(seconds: float | None):
 @dataclass
 class Outcome:
     state: TrialState
-    value: float | None = None
+    values: list[float] | None = None
     kind: str = ""  # why it failed: error, timeout, interrupted
     reason: str = ""
 
@@ -82,7 +82,7 @@ class TrialLoop:
     launcher: Any
     n_trials: int
     n_jobs: int
-    metric: str
+    objectives: Objectives
     max_failure_rate: float
     trial_timeout: float | None
     grace_s: float
@@ -276,18 +276,13 @@ class TrialLoop:
                 f"{attrs[STOPPED_AT]}",
             )
         if ret.status == JobStatus.COMPLETED:
-            value = ret.return_value
             if pruned_at is not None:
                 return Outcome(TrialState.PRUNED)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return Outcome(
-                    TrialState.FAIL,
-                    kind="error",
-                    reason=f"the task function returned {value!r}, not a number",
-                )
-            if not math.isfinite(value):
-                return Outcome(TrialState.FAIL, kind="error", reason=f"the job returned {value}")
-            return Outcome(TrialState.COMPLETE, value=float(value))
+            try:
+                values = self.objectives.values(ret.return_value)
+            except ValueError as err:  # not a number, NaN, a tuple where a dict is wanted
+                return Outcome(TrialState.FAIL, kind="error", reason=str(err))
+            return Outcome(TrialState.COMPLETE, values=values)
         err = ret._return_value  # the job's exception (JobReturn.return_value would re-raise it)
         if isinstance(err, optuna.TrialPruned) or (pruned_at is not None):
             return Outcome(TrialState.PRUNED)
@@ -298,10 +293,13 @@ class TrialLoop:
 
     def tell(self, trial: optuna.Trial, run_id: str, outcome: Outcome) -> None:
         if outcome.state == TrialState.COMPLETE:
-            run = self.client.get_run(run_id)
-            if self.metric not in run.data.metrics:  # a job that does not log its own value
-                _runs.log_metrics(self.client, run_id, {self.metric: outcome.value}, step=0)
-            self.study.tell(trial, outcome.value)
+            logged = self.client.get_run(run_id).data.metrics
+            values = dict(zip(self.objectives.names, outcome.values, strict=True))
+            # every objective on the run, also those the job did not log itself
+            unlogged = {k: v for k, v in values.items() if k not in logged}
+            if unlogged:
+                _runs.log_metrics(self.client, run_id, unlogged, step=0)
+            self.study.tell(trial, outcome.values)
         elif outcome.state == TrialState.PRUNED:
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
@@ -326,7 +324,7 @@ class TrialLoop:
             self.progress.sweep_left = seconds_left
         print(
             _console.progress_line(
-                frozen, finished, self.n_trials, self.metric, self.durations[-1], seconds_left
+                frozen, finished, self.n_trials, self.objectives, self.durations[-1], seconds_left
             ),
             flush=True,
         )

@@ -5,13 +5,21 @@ from __future__ import annotations
 import html
 import logging
 import warnings
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 
+if TYPE_CHECKING:
+    from hydra_plugins.mlflow_optuna_sweeper._objectives import Objectives
 
-def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optuna's four standard views of the study, as one HTML page and one PNG each."""
+
+def write_plots(study: optuna.Study, folder: Path, objectives: Objectives) -> list[Path]:
+    """Optuna's four standard views of the study, as one HTML page and one PNG each.
+
+    Several objectives: the views show the first one, and the Pareto front's plot comes first.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,12 +36,30 @@ def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
     }
     if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         del views["intermediate_values"]  # a job that reports no epochs has no curves to show
+    if objectives.multi:
+        first = {"target": lambda t: t.values[0], "target_name": objectives.metric}
+        views = {
+            name: tuple(partial(view, **first) for view in pair) if name != "intermediate_values"
+            else pair
+            for name, pair in views.items()
+        }  # fmt: skip
+        if len(objectives.names) in (2, 3):
+            names = {"target_names": list(objectives.names)}
+            views = {
+                "pareto_front": (
+                    partial(vis.plot_pareto_front, **names),
+                    partial(vis_png.plot_pareto_front, **names),
+                ),
+                **views,
+            }
     written, figures = [], []
     with warnings.catch_warnings():
         # the matplotlib views are marked experimental; their output is what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # importances of near-equal trials warn that they are equal; the plot says as much
         warnings.filterwarnings("ignore", "Target and region quantiles", UserWarning)
+        # with several objectives the importances are those of the first, as the page says
+        warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes", UserWarning)
         for name, (html_view, png_view) in views.items():
             try:
                 figures.append((name, html_view(study)))

@@ -16,13 +16,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError, TrackingUnavailableError
+from hydra_plugins.mlflow_optuna_sweeper._errors import (
+    SweepConfigError,
+    TrackingUnavailableError,
+    mask_url,
+)
 from hydra_plugins.mlflow_optuna_sweeper._faults import crash_point
 
 PARENT_ROLE = "sweep"
 TRIAL_ROLE = "trial"
 # what each final trial state leaves on its run
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+# tracking URIs MLflow opens with SQLAlchemy (postgresql+psycopg://... included)
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 
 
 def absolute_uri(uri: str, start_dir: str | os.PathLike | None = None) -> str:
@@ -63,6 +69,9 @@ def create_sqlite_store(tracking_uri: str) -> None:
 
 def check_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast (instead of minutes of MLflow's retries) when a tracking server is down."""
+    if tracking_uri.startswith(DATABASE_SCHEMES):
+        check_database(tracking_uri, timeout_s)
+        return
     if not tracking_uri.startswith(("http://", "https://")):
         return
     url = tracking_uri.rstrip("/") + "/health"
@@ -75,6 +84,31 @@ def check_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
             f"the MLflow tracking server at {tracking_uri} does not answer ({reason}): "
             f"start it (mlflow server --backend-store-uri sqlite:///mlflow.db --port ...) "
             f"or set hydra.sweeper.tracking_uri to a reachable server or a sqlite:/// file"
+        ) from None
+
+
+def check_database(tracking_uri: str, timeout_s: float) -> None:
+    """One connection attempt: MLflow itself retries a missing database for about 2 minutes."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    connect_args = {"connect_timeout": int(timeout_s)} if "postgres" in tracking_uri else {}
+    try:
+        engine = sqlalchemy.create_engine(
+            tracking_uri, poolclass=NullPool, connect_args=connect_args
+        )
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as err:  # no server, no such database, a refused login, no driver
+        lines = str(err).strip().splitlines()
+        first = lines[0] if lines else type(err).__name__
+        raise TrackingUnavailableError(
+            f"cannot open the MLflow tracking database {mask_url(tracking_uri)}: "
+            f"{mask_url(first)[:300]}. Check the URI, that the database exists (createdb ...) "
+            f"and that its server runs"
         ) from None
 
 
@@ -218,20 +252,11 @@ def mark_best(
     best_run_id: str,
     best_trial: int,
     best_params: dict[str, Any],
-    metric: str,
-    best_value: float,
+    best_values: dict[str, float],
 ) -> list[str]:
     """Tag the one best child run, and copy its result onto the parent. Returns notes."""
     notes = []
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    tagged = client.search_runs(
-        [experiment],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' "
-        "and tags.best_run = 'true'",
-    )
-    for run in tagged:  # a resumed sweep can have a new winner: exactly one run keeps the tag
-        if run.info.run_id != best_run_id:
-            client.delete_tag(run.info.run_id, "best_run")
+    clear_best(client, parent_run_id, but=best_run_id)
     client.set_tag(best_run_id, "best_run", "true")
     parent = client.get_run(parent_run_id)
     tags = {"best_run_id": best_run_id, "best_trial": str(best_trial)}
@@ -249,8 +274,43 @@ def mark_best(
     ts = mlflow.utils.time.get_current_time_millis()
     client.log_batch(
         parent_run_id,
-        metrics=[Metric(f"best_{metric}", float(best_value), ts, 0)],
+        metrics=[Metric(f"best_{k}", float(v), ts, 0) for k, v in best_values.items()],
         params=params,
         tags=[RunTag(k, v) for k, v in tags.items()],
     )
     return notes
+
+
+def clear_best(client: MlflowClient, parent_run_id: str, but: str | None = None) -> None:
+    """A resumed sweep can have a new winner, or none: at most one run keeps best_run."""
+    for run in children(client, parent_run_id, "tags.best_run = 'true'"):
+        if run.info.run_id != but:
+            client.delete_tag(run.info.run_id, "best_run")
+
+
+def children(client: MlflowClient, parent_run_id: str, where: str = "") -> list:
+    """The parent's child runs (the trials' runs), optionally filtered (MLflow's syntax)."""
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
+    return client.search_runs([experiment], f"{query} and {where}" if where else query)
+
+
+def log_table(client: MlflowClient, run_id: str, rows: list[dict[str, Any]], name: str) -> None:
+    """Rows as a table artifact the MLflow UI shows as a table, replaced when logged again.
+
+    (MlflowClient.log_table appends to an existing file: a redone end would double the rows.)
+    """
+    import json
+    import tempfile
+
+    import pandas as pd
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        pd.DataFrame(rows).to_json(path, orient="split", index=False)  # log_table's format
+        client.log_artifact(run_id, str(path))
+    listed = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": name, "type": "table"}
+    if entry not in listed:
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*listed, entry]))

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from hydra_plugins.mlflow_optuna_sweeper import job
 from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError
 from hydra_plugins.mlflow_optuna_sweeper._faults import crash_point
+from hydra_plugins.mlflow_optuna_sweeper._objectives import FirstObjective, Objectives
 from hydra_plugins.mlflow_optuna_sweeper.config import PRUNERS, SAMPLERS
 
 # heartbeats are Optuna's way to find trials of dead workers; with ask/tell we beat ourselves
@@ -35,6 +36,7 @@ FAILURE = "failure"  # why a trial is FAIL: error, interrupted, orphaned, timeou
 PRUNED_AT = "pruned_at_step"
 STOPPED_AT = "stopped_by_budget_at_step"
 CREATOR_ATTR = "mlflow_optuna.creator"  # a study system attribute
+METRICS_ATTR = "mlflow_optuna.metrics"  # the objectives' names, as the study was created
 
 
 def _spec(value: Any, names: Mapping[str, dict[str, Any]], what: str) -> dict[str, Any]:
@@ -140,25 +142,30 @@ def make_storage(
 def open_study(
     name: str,
     storage: optuna.storages.BaseStorage | None,
-    direction: str,
+    objectives: Objectives,
     sampler: optuna.samplers.BaseSampler,
     pruner: optuna.pruners.BasePruner,
 ) -> tuple[optuna.Study, bool]:
     """Create the study, or load it when it exists; return it and whether this call created it."""
+    wanted = list(objectives.directions)
     try:
         study = optuna.create_study(
-            study_name=name, storage=storage, direction=direction, sampler=sampler, pruner=pruner
+            study_name=name, storage=storage, directions=wanted, sampler=sampler, pruner=pruner
         )
         # who is making the parent run: a worker that joins now waits for it, unless it died
         study._storage.set_study_system_attr(study._study_id, CREATOR_ATTR, worker_id())
+        study._storage.set_study_system_attr(study._study_id, METRICS_ATTR, list(objectives.names))
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-    existing = study.direction.name.lower()
-    if existing != direction:
+    existing = [d.name.lower() for d in study.directions]
+    names = study._storage.get_study_system_attrs(study._study_id).get(METRICS_ATTR)
+    if existing != wanted or (names is not None and names != list(objectives.names)):
+        was = f"{names} " if names else ""
         raise SweepConfigError(
-            f"study {name!r} was created to {existing}, not to {direction}: set "
-            f"hydra.sweeper.direction={existing} or choose a new hydra.sweeper.study_name"
+            f"study {name!r} was created to {' and '.join(existing)} {was}(not "
+            f"{' and '.join(wanted)} {list(objectives.names)}): set hydra.sweeper.direction and "
+            f"hydra.sweeper.metric as they were, or choose a new hydra.sweeper.study_name"
         )
     return study, False
 
@@ -322,20 +329,33 @@ class TrialReporter:
     def __init__(self, study: optuna.Study, trial_id: int, progress=None) -> None:
         self.trial = optuna.trial.Trial(study, trial_id)
         self.progress = progress  # called with (trial, value, step, total)
+        self.multi = len(study.directions) > 1
+
+    def report_first_objective(self, value: float, step: int) -> bool:
+        """Several objectives: Optuna refuses trial.report(), so the sweeper records the first
+        objective's curve itself and applies the pruner's rule to it (FirstObjective)."""
+        study, storage, trial_id = self.trial.study, self.trial.storage, self.trial._trial_id
+        if step not in storage.get_trial(trial_id).intermediate_values:  # the first value stays
+            storage.set_trial_intermediate_value(trial_id, step, value)
+        return study.pruner.prune(FirstObjective(study), storage.get_trial(trial_id))
 
     def report(self, value: float, step: int, total: int | None) -> bool:
         if not math.isfinite(value):
             return False  # a diverged trial fails; its NaN must not reach the pruner's statistics
-        with warnings.catch_warnings():
-            # a step reported twice keeps the first value; Optuna's warning says as much
-            warnings.simplefilter("ignore", UserWarning)
-            self.trial.report(value, step)
+        if self.multi:
+            prune = self.report_first_objective(value, step)
+        else:
+            with warnings.catch_warnings():
+                # a step reported twice keeps the first value; Optuna's warning says as much
+                warnings.simplefilter("ignore", UserWarning)
+                self.trial.report(value, step)
         deadline = os.environ.get(job.ENV_DEADLINE)
         if deadline and time.time() >= float(deadline):
             # the time budget is spent: stop at this epoch boundary, recorded as such
             self.trial.storage.set_trial_system_attr(self.trial._trial_id, STOPPED_AT, step)
             return True
-        prune = self.trial.should_prune()
+        if not self.multi:
+            prune = self.trial.should_prune()
         if prune:
             self.trial.storage.set_trial_system_attr(self.trial._trial_id, PRUNED_AT, step)
         if self.progress is not None:

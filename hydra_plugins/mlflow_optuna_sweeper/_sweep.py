@@ -18,8 +18,8 @@ from hydra.core.plugins import Plugins
 from omegaconf import DictConfig
 
 from hydra_plugins.mlflow_optuna_sweeper import _console, _runs, _space, job
-from hydra_plugins.mlflow_optuna_sweeper._checks import Checks, Plan, mask_url
-from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError, SweepError
+from hydra_plugins.mlflow_optuna_sweeper._checks import Checks, Plan
+from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError, SweepError, mask_url
 from hydra_plugins.mlflow_optuna_sweeper._faults import crash_point
 from hydra_plugins.mlflow_optuna_sweeper._finish import SweepEnd
 from hydra_plugins.mlflow_optuna_sweeper._loop import TrialLoop, settle_runs, terminated
@@ -173,11 +173,11 @@ class SweepRun:
             launcher=self.launcher,
             n_trials=s.n_trials,
             n_jobs=s.n_jobs,
-            metric=s.metric,
+            objectives=plan.objectives,
             max_failure_rate=float(s.max_failure_rate),
             trial_timeout=s.trial_timeout,
             grace_s=s.heartbeat_grace,
-            progress=_console.EpochProgress(s.metric),
+            progress=_console.EpochProgress(plan.objectives.metric),
         )
         if plan.timeout_s:
             # time is kept for the end (publishing, the report); workers share the first deadline
@@ -279,7 +279,15 @@ class SweepRun:
                 f"sweep-{study.study_name}",
                 {
                     "sweeper.n_trials": self.s.n_trials,
-                    "sweeper.direction": str(self.s.direction).lower(),
+                    "sweeper.direction": ",".join(plan.objectives.directions),
+                    **(
+                        {
+                            "sweeper.metric": ",".join(plan.objectives.names),
+                            "sweeper.champion": plan.objectives.rule(),
+                        }
+                        if plan.objectives.multi
+                        else {}
+                    ),
                     "sweeper.sampler": type(plan.sampler).__name__,
                     "sweeper.pruner": type(plan.pruner).__name__,
                     **{f"search.{k}": _space.describe(d) for k, d in plan.space.items()},
@@ -298,7 +306,7 @@ class SweepRun:
             f"Study {study.study_name!r} ({where}): "
             f"{done['complete'] + done['pruned']}/{self.s.n_trials} finished"
             + (" - resuming" if study.trials else "")
-            + f"; {str(self.s.direction).lower()} {self.s.metric} over "
+            + f"; {plan.objectives.describe()} over "
             + ", ".join(f"{k} {_space.describe(d)}" for k, d in plan.space.items()),
             flush=True,
         )
@@ -308,9 +316,7 @@ def open_study_or_explain(s: MlflowOptunaSweeperConf, plan: Plan):
     url = plan.storage_url
     try:
         storage = make_storage(url, s.heartbeat_interval, s.heartbeat_grace)
-        return open_study(
-            s.study_name, storage, str(s.direction).lower(), plan.sampler, plan.pruner
-        )
+        return open_study(s.study_name, storage, plan.objectives, plan.sampler, plan.pruner)
     except SweepError:
         raise
     except Exception as err:  # a database that does not exist, a server that refuses

@@ -85,18 +85,19 @@ def import_trials(study: optuna.Study, space: dict[str, Any], source_name: str) 
             f"hydra.sweeper.warm_start_from={source_name!r}: no such study in this storage "
             f"(see optuna.get_all_study_names)"
         ) from None
-    if source.direction != study.direction:
+    if source.directions != study.directions:
+        was, now = (" and ".join(d.name.lower() for d in s.directions) for s in (source, study))
         raise SweepConfigError(
-            f"hydra.sweeper.warm_start_from={source_name!r} was to {source.direction.name.lower()}"
-            f", this study is to {study.direction.name.lower()}: their values cannot be compared"
+            f"hydra.sweeper.warm_start_from={source_name!r} was to {was}, this study is to "
+            f"{now}: their values cannot be compared"
         )
     skipped: Counter[str] = Counter()
     imported = 0
     for trial in source.get_trials(deepcopy=False):
         if (
             trial.state != TrialState.COMPLETE
-            or trial.value is None
-            or not math.isfinite(trial.value)
+            or trial.values is None
+            or not all(math.isfinite(v) for v in trial.values)
         ):
             skipped["not complete"] += 1
         elif set(trial.params) != set(space):
@@ -108,7 +109,7 @@ def import_trials(study: optuna.Study, space: dict[str, Any], source_name: str) 
                 optuna.trial.create_trial(
                     params=trial.params,
                     distributions=space,
-                    value=trial.value,
+                    values=trial.values,
                     user_attrs={
                         IMPORTED: f"{source_name}#{trial.number}",
                         "imported_run_id": trial.user_attrs.get("mlflow_run_id", ""),

@@ -16,6 +16,9 @@ SAMPLERS: dict[str, dict[str, Any]] = {
     "gp": {"_target_": "optuna.samplers.GPSampler"},
     "grid": {"_target_": "optuna.samplers.GridSampler"},  # its grid: the search space
     "qmc": {"_target_": "optuna.samplers.QMCSampler"},
+    # genetic samplers made for several objectives (Optuna's default there)
+    "nsga2": {"_target_": "optuna.samplers.NSGAIISampler"},
+    "nsga3": {"_target_": "optuna.samplers.NSGAIIISampler"},
 }
 PRUNERS: dict[str, dict[str, Any]] = {
     # the default: on real MNIST the first epoch already ranks trials well; replaying a seeded
@@ -64,22 +67,39 @@ class RegistryConf:
 
 
 @dataclass
+class ChampionConf:
+    # multi-objective sweeps only: which run of the Pareto front is "best" (tagged best_run,
+    # published, registered). `by`: an objective's name (its best value on the front; null: the
+    # first objective), or knee (the member closest to the ideal point, objectives scaled to
+    # [0, 1] over the front)
+    by: Any = None
+    # constraints the champion must meet, e.g. ["n_params <= 200000"] (<=, <, >=, >); when no
+    # run of the front meets them, the sweep says so and publishes nothing
+    where: list[Any] = field(default_factory=list)
+
+
+@dataclass
 class MlflowOptunaSweeperConf:
     _target_: str = "hydra_plugins.mlflow_optuna_sweeper.mlflow_optuna_sweeper.MlflowOptunaSweeper"
     # the sweeper builds sampler, pruner and hooks itself, when the sweep starts
     _recursive_: bool = False
-    # tpe, random, cmaes, gp, grid, qmc; or a mapping {name: tpe, n_startup_trials: 5}, or one
-    # with _target_ naming any Optuna sampler class
+    # tpe, random, cmaes, gp, grid, qmc, nsga2, nsga3; or a mapping {name: tpe, n_startup_trials:
+    # 5}, or one with _target_ naming any Optuna sampler class
     sampler: Any = "tpe"
     # median, percentile, successive_halving, hyperband, threshold, none (or null); or a mapping
     # as for the sampler
     pruner: Any = "median"
     # seeds the sampler (the process that creates the study keeps it; others reseed)
     seed: Any = None
-    # maximize or minimize the value the task function returns
-    direction: str = "maximize"
-    # the name of that value: progress lines, the child run's metric, best_<metric> on the parent
-    metric: str = "value"
+    # maximize or minimize the value the task function returns; a list ([maximize, minimize])
+    # for several objectives, each named in `metric`
+    direction: Any = "maximize"
+    # the name of that value: progress lines, the child run's metric, best_<metric> on the parent.
+    # Several objectives: a list of names ([val_acc, n_params]); the task function then returns
+    # a dict with those keys, and per-epoch reports are values of the first
+    metric: Any = "value"
+    # several objectives: which run of the Pareto front is the champion (see ChampionConf)
+    champion: ChampionConf = field(default_factory=ChampionConf)
     # the study ends with this many finished (complete or pruned) trials, across all workers
     n_trials: int = 20
     # trials trained at once on this machine, each in its own worker process

@@ -1,5 +1,6 @@
 """app.py with switches for the sweeper's tests: per-epoch reports (pruning), failures, a
-non-number result. Same config.yaml; with the switches at their defaults it is app.py.
+non-number result, two objectives. Same config.yaml; with the switches at their defaults it is
+app.py.
 """
 
 import time
@@ -19,6 +20,9 @@ def main(cfg: DictConfig) -> float:
         time.sleep(cfg.epoch_seconds)
         if report(value * (1 + 1 / (epoch + 1)), step=epoch, total=cfg.epochs):
             break
+    if cfg.pareto:  # two objectives: their Pareto front is the segment from (0, 0) to (2, 2)
+        f2 = (cfg.x - 2) ** 2 + (cfg.y - 2) ** 2
+        return (value, f2) if cfg.pareto == "tuple" else {"f1": value, "f2": f2}
     return f"{value}" if cfg.return_text else value
 
 
