@@ -10,10 +10,11 @@ the repository root.
 A short probe times Lightning's training steps on this machine first; each benchmark's size
 (repeats, images per epoch, trials, epochs, batches per epoch) is then chosen so that the whole
 run fits the budget (default 300 s, meant as about 5 minutes on a GPU machine; the sizing is
-estimated from the probe and the first sweep, so allow some slack). Where the budget
-is too small for a benchmark's reference size (12 trials x 6 epochs for pruning, 8 x 4 for
-pruning with two objectives, 6 x 2 for the workers), it keeps the trials and epochs as long as it can and trains fewer batches per epoch
-(trainer.limit_train_batches), then shrinks the trials and epochs; the table says what ran. On
+estimated from the probe and the first sweep, so allow some slack). Where the budget is too
+small for a benchmark's reference size (12 trials x 6 epochs for pruning, 8 x 4 for pruning
+with two objectives, 6 x 2 for the workers), it keeps the trials and epochs as long as it can
+and trains fewer batches per epoch (trainer.limit_train_batches), then shrinks the trials and
+epochs; the table says what ran. On
 a CPU the budget is usually too small for full MNIST: the sizes shrink, or pass a larger
 --budget-s. --quick runs every benchmark at a smoke-test size (2-3 minutes on a 2-core CPU,
 most of it the seven sweeps' start-up), where the targets mean nothing and are not judged.
@@ -260,8 +261,9 @@ class BenchmarkRun:
             )
         )
 
-    def pruning_size(self) -> tuple[int, int, int]:
-        """(trials, epochs, batches per epoch): most of what is left, the rest for the workers."""
+    def pair_size(self, ladder: list[tuple[int, int]], share: float) -> tuple[int, int, int]:
+        """(trials, epochs, batches per epoch) for a sweep without and with the median pruner,
+        in `share` of what is left of the budget."""
         if self.quick:
             return 4, 2, 10
         costs = self.costs
@@ -269,11 +271,11 @@ class BenchmarkRun:
         def cost(t: int, e: int, b: int) -> float:
             return costs.sweep_s(t, e, b) + costs.sweep_s(t, e * PRUNED_SHARE, b)
 
-        ladder = [(12, 6), (10, 5), (8, 4), (6, 3)]
-        return plan_sweep(costs, 0.45 * self.clock.left, ladder, cost)
+        return plan_sweep(costs, share * self.clock.left, ladder, cost)
 
     def pruning(self) -> None:
-        trials, epochs, n = self.pruning_size()
+        # most of what is left; the rest for two objectives and the workers
+        trials, epochs, n = self.pair_size([(12, 6), (10, 5), (8, 4), (6, 3)], 0.45)
         results = bench_pruning.compare_pruners(
             self.data_root, ["none", "median"], trials, epochs, *self.accel, *limit(n, self.costs)
         )
@@ -301,20 +303,8 @@ class BenchmarkRun:
             )
         )
 
-    def pareto_size(self) -> tuple[int, int, int]:
-        """(trials, epochs, batches per epoch) for the two-objective sweeps."""
-        if self.quick:
-            return 4, 2, 10
-        costs = self.costs
-
-        def cost(t: int, e: int, b: int) -> float:
-            return costs.sweep_s(t, e, b) + costs.sweep_s(t, e * PRUNED_SHARE, b)
-
-        ladder = [(8, 4), (6, 3), (4, 2)]
-        return plan_sweep(costs, 0.5 * self.clock.left, ladder, cost)
-
     def pareto(self) -> None:
-        trials, epochs, n = self.pareto_size()
+        trials, epochs, n = self.pair_size([(8, 4), (6, 3), (4, 2)], 0.5)
         results = bench_pruning.compare_pareto(
             self.data_root, trials, epochs, *self.accel, *limit(n, self.costs)
         )

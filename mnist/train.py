@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from hydra_plugins.mlflow_optuna_sweeper.job import PruningCallback, current_trial
+from hydra_plugins.mlflow_optuna_sweeper.job import PruningCallback, continues, current_trial
+from mnist import resume
 from mnist.config import check_config, flatten, metrics_of
 from mnist.data import ensure_mnist, load_mnist
 from mnist.model import MNISTClassifier, NonFiniteLossError
@@ -31,10 +33,19 @@ warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", module=
 
 
 class EpochLogger(pl.Callback):
-    """Logs acc/loss/val_acc/val_loss once per epoch (step = epoch) to the active MLflow run."""
+    """Logs acc/loss/val_acc/val_loss once per epoch (step = epoch) to the active MLflow run.
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: MNISTClassifier) -> None:
-        # callbacks run before the module's own on_train_epoch_end: ask it for this epoch's means
+    After the epoch's validation, before its checkpoint and its report to the sweep: a trial
+    interrupted there has this epoch's metrics in its run. Counts the epochs it saw.
+    """
+
+    def __init__(self) -> None:
+        self.epochs = 0
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: MNISTClassifier) -> None:
+        if trainer.sanity_checking:
+            return
+        # the module's running sums hold the whole training epoch by now
         metrics = pl_module.train_epoch_metrics()
         metrics |= {
             k: trainer.callback_metrics[k].item()
@@ -42,6 +53,7 @@ class EpochLogger(pl.Callback):
             if k in trainer.callback_metrics
         }
         mlflow.log_metrics(metrics, step=trainer.current_epoch)
+        self.epochs += 1
 
 
 def pick_device(accelerator: str) -> torch.device:
@@ -113,13 +125,17 @@ def run(cfg: DictConfig, start_dir: str | Path | None = None) -> float | dict[st
             mlflow.set_tag("sweep.role", "run")
         names = metrics_of(cfg)
         pruning = PruningCallback(names[0])  # the first objective is the one reported per epoch
+        logger = EpochLogger()
         started = time.perf_counter()
         try:
-            values, model = train(cfg, start_dir, device, [EpochLogger(), pruning], verbose)
+            values, model = train(
+                cfg, start_dir, device, [logger, pruning], verbose, active.info.run_id
+            )
         except Exception as err:
             mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
             raise
         mlflow.log_metric("train_seconds", time.perf_counter() - started, step=0)
+        mlflow.log_metric("epochs_trained", logger.epochs, step=0)  # fewer when it continued
         if pruning.pruned_at_epoch is None:  # the sweep publishes a trial's own weights
             save_checkpoint(active.info.run_id, model)
         if isinstance(cfg.metric, str):
@@ -128,9 +144,18 @@ def run(cfg: DictConfig, start_dir: str | Path | None = None) -> float | dict[st
 
 
 def train(
-    cfg: DictConfig, start_dir: Path, device: torch.device, callbacks: list, verbose: bool
+    cfg: DictConfig,
+    start_dir: Path,
+    device: torch.device,
+    callbacks: list,
+    verbose: bool,
+    run_id: str | None = None,
 ) -> tuple[dict[str, float], MNISTClassifier]:
-    """Fit the CNN; return the last epoch's val_acc and val_loss, n_params, and the model."""
+    """Fit the CNN; return the last epoch's val_acc and val_loss, n_params, and the model.
+
+    In a sweep (run_id given) it saves a checkpoint per epoch, and continues from one when the
+    trial continues an interrupted one.
+    """
     data = load_mnist(
         start_dir / cfg.data.root,
         batch_size=cfg.data.batch_size,
@@ -141,6 +166,9 @@ def train(
     )
     model = MNISTClassifier(dropout=cfg.model.dropout, lr=cfg.model.lr, width=cfg.model.width)
     mlflow.log_metric("n_params", model.n_params, step=0)
+    in_sweep = run_id is not None and current_trial() is not None
+    if in_sweep:  # before the pruning report: the checkpoint exists once the epoch is reported
+        callbacks = [*callbacks[:-1], resume.EpochCheckpoint(run_id, data.train), callbacks[-1]]
     trainer = build_trainer(
         device,
         callbacks=callbacks,
@@ -150,7 +178,17 @@ def train(
         limit_train_batches=cfg.trainer.limit_train_batches,
         deterministic=cfg.trainer.deterministic,
     )
-    trainer.fit(model, train_dataloaders=data.train, val_dataloaders=data.val)
+    continuation = continues() if in_sweep else None
+    with tempfile.TemporaryDirectory() as tmp:
+        # a checkpoint is data, never code to run: weights_only
+        ckpt = resume.download(continuation, tmp) if continuation else None
+        trainer.fit(
+            model,
+            train_dataloaders=data.train,
+            val_dataloaders=data.val,
+            ckpt_path=ckpt,
+            weights_only=True,
+        )
     values = {k: trainer.callback_metrics[k].item() for k in ("val_acc", "val_loss")}
     for name, value in values.items():
         if not math.isfinite(value):

@@ -17,7 +17,7 @@ from optuna.trial import TrialState, create_trial
 from toy_sweep import ok
 
 from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError
-from hydra_plugins.mlflow_optuna_sweeper._objectives import Objectives
+from hydra_plugins.mlflow_optuna_sweeper._objectives import Objectives, curve
 
 TWO = ("pareto=true", "hydra.sweeper.metric=[f1,f2]", "hydra.sweeper.direction=[minimize,minimize]")
 NO_EPOCHS = "epochs=0"  # the toy sweep reports 3 epochs unless told otherwise
@@ -150,17 +150,34 @@ def test_pruning_follows_the_first_objective_and_spares_the_front(toy):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert pruned and complete
     for t in complete:  # the whole curve of the first objective is kept
-        assert sorted(t.intermediate_values) == [0, 1, 2, 3]
+        assert sorted(curve(t)) == [0, 1, 2, 3]
+        assert t.intermediate_values == {}  # (out of Optuna's samplers' sight: see curve)
     for t in pruned:
-        assert max(t.intermediate_values) < 3
+        assert max(curve(t)) < 3
     # what every trial would have reached: no pruned trial belongs to that front
     points = {t.number: f(t.params["x"], t.params["y"]) for t in trials}
     assert not non_dominated(points) & {t.number for t in pruned}
     runs = by_trial(toy.runs())
     for t in pruned:
         assert runs[t.number].info.status == "KILLED"
-        assert runs[t.number].data.tags["pruned_at_epoch"] == str(max(t.intermediate_values))
+        assert runs[t.number].data.tags["pruned_at_epoch"] == str(max(curve(t)))
         assert runs[t.number].data.tags.get("pareto_front") is None
+
+
+def test_tpe_samples_a_pruned_multi_objective_study(toy):
+    # TPE ranks pruned trials by their last per-epoch value with the study's one direction:
+    # Optuna per-epoch values on pruned trials of a multi-objective study crashed it (the
+    # sweeper keeps that curve out of Optuna's sight)
+    proc = toy.run(
+        *TWO,
+        "epochs=3",
+        "hydra.sweeper.sampler={name: tpe, n_startup_trials: 3}",
+        "hydra.sweeper.n_trials=10",
+        EAGER_MEDIAN,
+    )
+    ok(proc)
+    states = [t.state for t in toy.study().get_trials()]
+    assert TrialState.PRUNED in states[:-3] and len(states) == 10  # TPE sampled after them
 
 
 def test_a_tuple_is_refused_with_the_form_to_use(toy):

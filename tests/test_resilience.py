@@ -10,7 +10,7 @@ import time
 
 import pytest
 import yaml
-from conftest import assert_ok
+from conftest import SweepDir, assert_ok
 from fake_mnist import write_mnist
 from optuna.trial import TrialState
 
@@ -109,6 +109,62 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_resumes(sweep, sig, code, why):
     resumed = sweep.run("hydra.sweeper.n_trials=3", *STEADY)
     assert_ok(resumed)
     check_resumed(sweep, interrupted=1, n_trials=3, child_status="KILLED")
+    # a preempted trial is not lost: a new one with its parameters continues from its checkpoint
+    (continued,) = [t for t in sweep.study().get_trials() if "continues_trial" in t.user_attrs]
+    assert continued.user_attrs["continues_trial"] == 1
+    assert continued.state == TrialState.COMPLETE
+    assert continued.params == sweep.study().get_trials()[1].params
+
+
+def test_an_interrupted_trial_continues_from_its_last_epoch_to_the_same_result(sweep):
+    """Killed after its 2nd of 4 epochs, the trial continues: epochs 3-4 only, same values."""
+    same = (
+        "hydra.sweeper.n_trials=1",
+        *STEADY,
+        "trainer.deterministic=true",
+        "trainer.accelerator=cpu",
+        "hydra.sweeper.enqueue=[{model.dropout: 0.2, model.lr: 0.002}]",
+    )
+    killed = sweep.run(*same, env={"SWEEP_CRASH_AT": "epoch-reported:2"})
+    assert killed.returncode == -signal.SIGKILL
+    (trial,) = sweep.study().get_trials()
+    first_run = trial.user_attrs["mlflow_run_id"]
+    assert trial.system_attrs["checkpoint_step"] == 1  # the state after the 2nd epoch
+    client = sweep.client()
+    saved = [f.path for f in client.list_artifacts(first_run, "resume")]
+    assert saved == ["resume/epoch-1.ckpt"]  # the older one was dropped once this one was saved
+
+    resumed = sweep.run(*same)
+    assert_ok(resumed)
+    assert "trial 0 was interrupted after epoch 2: a new trial" in resumed.stdout
+    old, new = sweep.study().get_trials()
+    assert old.state == TrialState.FAIL and new.state == TrialState.COMPLETE
+    assert new.params == old.params and new.user_attrs["continues_trial"] == 0
+    assert sorted(new.intermediate_values) == [0, 1, 2, 3]  # the pruner sees the whole curve
+    run = client.get_run(new.user_attrs["mlflow_run_id"])
+    assert run.data.tags["continues_run"] == first_run
+    assert run.data.metrics["epochs_trained"] == 2  # only epochs 3 and 4 were trained
+    for key in ("acc", "loss", "val_acc", "val_loss"):  # and the run carries the whole curve
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [0, 1, 2, 3], key
+    # both runs' checkpoints are removed once the trial is finished (keep_checkpoints=false)
+    assert client.list_artifacts(first_run, "resume") == []
+    assert client.list_artifacts(run.info.run_id, "resume") == []
+
+    # the same trial, never interrupted: the same result, to the last bit
+    whole = SweepDir(sweep.path / "whole", sweep.mnist_root)
+    whole.path.mkdir()
+    assert_ok(whole.run(*same, "hydra.sweeper.keep_checkpoints=true"))
+    (uninterrupted,) = whole.study().get_trials()
+    reference = whole.client().get_run(uninterrupted.user_attrs["mlflow_run_id"])
+    assert reference.data.metrics["epochs_trained"] == 4
+    for key in ("acc", "loss", "val_acc", "val_loss"):
+        assert run.data.metrics[key] == reference.data.metrics[key], key
+    assert new.intermediate_values == uninterrupted.intermediate_values
+    # keep_checkpoints=true keeps the last one, of the 4th epoch
+    kept = whole.client().list_artifacts(reference.info.run_id, "resume")
+    assert [f.path for f in kept] == ["resume/epoch-3.ckpt"]
+    print(f"checkpoint of the width-1.0 CNN: {kept[0].file_size / 1e6:.1f} MB")
 
 
 def test_failing_and_diverging_trials_do_not_stop_the_sweep(sweep, tmp_path):

@@ -16,6 +16,7 @@ def test_the_time_budget_stops_a_long_trial_at_an_epoch_and_the_end_still_runs(t
         "hydra.sweeper.pruner=null",
         "epochs=60",
         "epoch_seconds=0.25",  # 15 s a trial: the first one cannot finish in time
+        "checkpoint=true",
     )
     ok(proc)
     (trial,) = toy.study().get_trials()
@@ -32,6 +33,23 @@ def test_the_time_budget_stops_a_long_trial_at_an_epoch_and_the_end_still_runs(t
     assert parent.data.metrics["time_budget_s"] == 8
     assert parent.data.tags["stopped_by_budget"] == "True"
     assert "Time budget 8s" in proc.stdout and "1 stopped by the budget" in proc.stdout
+
+    # the next command continues that trial after its last checkpoint, instead of redoing it
+    step = trial.system_attrs["checkpoint_step"]
+    ok(
+        toy.run(
+            "hydra.sweeper.pruner=null", "epochs=60", "checkpoint=true", "hydra.sweeper.n_trials=1"
+        )
+    )
+    stopped, continued = toy.study().get_trials()
+    assert continued.state == TrialState.COMPLETE and continued.params == stopped.params
+    assert continued.user_attrs["continues_trial"] == 0
+    assert sorted(continued.intermediate_values) == list(range(60))  # the whole curve
+    assert all(
+        continued.intermediate_values[s] == stopped.intermediate_values[s] for s in range(step + 1)
+    )
+    run = {r.info.run_id: r for r in toy.runs()}[continued.user_attrs["mlflow_run_id"]]
+    assert run.data.tags["continues_run"] == stopped.user_attrs["mlflow_run_id"]
 
 
 def test_n_trials_still_caps_a_generous_budget(toy):

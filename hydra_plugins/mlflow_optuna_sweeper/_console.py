@@ -57,9 +57,10 @@ def progress_line(
         value = " ".join(f"{k}={number(v)}" for k, v in objectives.of(trial).items())
     else:
         value = f"{objectives.metric}=-"
-    if trial.state == TrialState.PRUNED and trial.intermediate_values:
-        epoch = max(trial.intermediate_values)
-        value = f"{objectives.metric}={trial.intermediate_values[epoch]:.4f} (epoch {epoch})"
+    epochs = objectives.curve(trial)
+    if trial.state == TrialState.PRUNED and epochs:
+        epoch = max(epochs)
+        value = f"{objectives.metric}={epochs[epoch]:.4f} (epoch {epoch})"
     left = f", ~{duration(seconds_left)} left" if seconds_left is not None else ""
     reason = trial.user_attrs.get("fail_reason")
     why = f" ({reason})" if trial.state == TrialState.FAIL and reason else ""
@@ -122,8 +123,9 @@ def table(study: optuna.Study, objectives: Objectives) -> str:
     rows = [header]
     for t in trials:
         values = list(t.values) if t.values is not None else [None] * len(objectives.names)
-        if t.values is None and t.intermediate_values:  # a pruned trial: its last epoch
-            values[0] = t.intermediate_values[max(t.intermediate_values)]
+        epochs = objectives.curve(t)
+        if t.values is None and epochs:  # a pruned trial: its last epoch
+            values[0] = epochs[max(epochs)]
         seconds = trial_seconds(t)
         mark = "<- best" if best is not None and t.number == best.number else ""
         if t.number in front:

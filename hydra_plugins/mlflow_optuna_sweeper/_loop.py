@@ -15,7 +15,7 @@ import optuna
 from hydra.core.utils import JobStatus
 from optuna.trial import TrialState
 
-from hydra_plugins.mlflow_optuna_sweeper import _console, _runs, _space, job
+from hydra_plugins.mlflow_optuna_sweeper import _console, _resume, _runs, _space, job
 from hydra_plugins.mlflow_optuna_sweeper._errors import SweepStopped
 from hydra_plugins.mlflow_optuna_sweeper._faults import crash_point
 from hydra_plugins.mlflow_optuna_sweeper._objectives import Objectives
@@ -93,6 +93,7 @@ class TrialLoop:
     deadline: float | None = None  # time.time() after which no trial runs (the time budget)
     out_of_budget: bool = False
     waiting_on: list[str] = field(default_factory=list)
+    keep_checkpoints: bool = False  # a finished trial keeps its last checkpoint
 
     def __post_init__(self) -> None:
         # the failure budget counts the failures of trials asked since this command started,
@@ -114,7 +115,11 @@ class TrialLoop:
             if self.out_of_time():
                 self.out_of_budget = True
                 return
-            if finished + counts["running"] >= self.n_trials:
+            for note in _resume.enqueue_continuations(self.study):
+                print(note, flush=True)
+            # trials in training; an enqueued (WAITING) one is for `ask` below to hand out
+            training = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if finished + training >= self.n_trials:
                 unwatched = self.running_unwatched()
                 if unwatched:  # trials whose death this command could not see
                     self.waiting_on = unwatched
@@ -231,6 +236,7 @@ class TrialLoop:
             job.ENV_TRIAL_ID: str(trial._trial_id),
             job.ENV_TRIAL_NUMBER: str(trial.number),
         }
+        env |= _resume.prepare(self.study, self.client, trial, run_id)
         overrides = list(self.fixed)
         overrides += [_space.as_override(k, v) for k, v in trial.params.items()]
         overrides += [_space.as_override(f"++hydra.job.env_set.{k}", v) for k, v in env.items()]
@@ -312,6 +318,9 @@ class TrialLoop:
         if STOPPED_AT in frozen.system_attrs:
             tags["stopped_by"] = "time_budget"
         settle_run(self.client, frozen, tags)
+        if outcome.kind not in _resume.CONTINUABLE:  # an interrupted trial keeps its checkpoint
+            keep = self.keep_checkpoints
+            _resume.tidy_checkpoints(self.client, self.study, trial._trial_id, keep)
 
     def print_result(self, number: int) -> None:
         frozen = self.study.get_trials(deepcopy=False)[number]

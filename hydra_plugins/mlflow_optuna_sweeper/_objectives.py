@@ -9,6 +9,7 @@ them as "best" (tagged, published, registered like the best trial of a single ob
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import re
@@ -140,6 +141,10 @@ class Objectives:
     def of(self, trial: optuna.trial.FrozenTrial) -> dict[str, float]:
         return dict(zip(self.names, trial.values or (), strict=False))
 
+    @staticmethod
+    def curve(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+        return curve(trial)
+
     def show(self, trial: optuna.trial.FrozenTrial) -> str:
         return " ".join(f"{k}={number(v)}" for k, v in self.of(trial).items())
 
@@ -248,12 +253,31 @@ def _constraint(text: Any, names: Sequence[str]) -> Constraint:
     return Constraint(match.group(1), match.group(2), bound)
 
 
+# a trial system attribute: the first objective's per-epoch values of a multi-objective trial
+CURVE = "curve"
+
+
+def curve(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+    """A trial's per-epoch values: Optuna's (one objective) or the sweeper's (several)."""
+    if trial.intermediate_values:
+        return dict(trial.intermediate_values)
+    return {int(step): value for step, value in trial.system_attrs.get(CURVE, {}).items()}
+
+
+def with_curve(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    shown = copy.copy(trial)
+    shown.intermediate_values = curve(trial)
+    return shown
+
+
 class FirstObjective:
     """A multi-objective study as Optuna's pruners see a single-objective one: its first
     objective's direction and its trials' per-epoch values of that objective.
 
-    Optuna refuses trial.report() when a study has several objectives; the sweeper records the
-    per-epoch values itself (the storage accepts them) and asks the pruner through this view.
+    Optuna refuses trial.report() when a study has several objectives, and its samplers do not
+    expect per-epoch values there (TPE's ranking of pruned trials asks for the one direction).
+    The sweeper keeps the curve in a trial attribute instead (CURVE) and asks the pruner
+    through this view, whose trials show that curve as their intermediate values.
     """
 
     def __init__(self, study: optuna.Study) -> None:
@@ -266,6 +290,9 @@ class FirstObjective:
     @property
     def directions(self) -> list[optuna.study.StudyDirection]:
         return [self._study.directions[0]]
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
+        return [with_curve(t) for t in self._study.get_trials(deepcopy=False, states=states)]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)

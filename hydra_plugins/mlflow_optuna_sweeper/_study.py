@@ -23,7 +23,12 @@ from optuna.trial import TrialState
 from hydra_plugins.mlflow_optuna_sweeper import job
 from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError
 from hydra_plugins.mlflow_optuna_sweeper._faults import crash_point
-from hydra_plugins.mlflow_optuna_sweeper._objectives import FirstObjective, Objectives
+from hydra_plugins.mlflow_optuna_sweeper._objectives import (
+    CURVE,
+    FirstObjective,
+    Objectives,
+    with_curve,
+)
 from hydra_plugins.mlflow_optuna_sweeper.config import PRUNERS, SAMPLERS
 
 # heartbeats are Optuna's way to find trials of dead workers; with ask/tell we beat ourselves
@@ -35,6 +40,8 @@ WORKER_HOST, WORKER_PID = "worker_host", "worker_pid"
 FAILURE = "failure"  # why a trial is FAIL: error, interrupted, orphaned, timeout, surplus
 PRUNED_AT = "pruned_at_step"
 STOPPED_AT = "stopped_by_budget_at_step"
+CHECKPOINT_AT = "checkpoint_step"  # the last step the job's checkpoint holds (job.checkpoint_saved)
+CHECKPOINT_RUN = "checkpoint_run"  # the run that holds it (an earlier one, for a continuing trial)
 CREATOR_ATTR = "mlflow_optuna.creator"  # a study system attribute
 METRICS_ATTR = "mlflow_optuna.metrics"  # the objectives' names, as the study was created
 
@@ -331,13 +338,25 @@ class TrialReporter:
         self.progress = progress  # called with (trial, value, step, total)
         self.multi = len(study.directions) > 1
 
+    def checkpoint_saved(self, step: int) -> None:
+        storage, trial_id = self.trial.storage, self.trial._trial_id
+        run_id = storage.get_trial(trial_id).user_attrs.get("mlflow_run_id")
+        storage.set_trial_system_attr(trial_id, CHECKPOINT_RUN, run_id)
+        storage.set_trial_system_attr(trial_id, CHECKPOINT_AT, step)
+        if run_id:  # one checkpoint per run while it trains: the older ones go
+            from hydra_plugins.mlflow_optuna_sweeper._resume import drop_older
+
+            drop_older(run_id, step)
+
     def report_first_objective(self, value: float, step: int) -> bool:
         """Several objectives: Optuna refuses trial.report(), so the sweeper records the first
         objective's curve itself and applies the pruner's rule to it (FirstObjective)."""
         study, storage, trial_id = self.trial.study, self.trial.storage, self.trial._trial_id
-        if step not in storage.get_trial(trial_id).intermediate_values:  # the first value stays
-            storage.set_trial_intermediate_value(trial_id, step, value)
-        return study.pruner.prune(FirstObjective(study), storage.get_trial(trial_id))
+        values = dict(storage.get_trial(trial_id).system_attrs.get(CURVE, {}))
+        if str(step) not in values:  # a step reported twice keeps its first value
+            storage.set_trial_system_attr(trial_id, CURVE, values | {str(step): value})
+        trial = with_curve(storage.get_trial(trial_id))
+        return study.pruner.prune(FirstObjective(study), trial)
 
     def report(self, value: float, step: int, total: int | None) -> bool:
         if not math.isfinite(value):

@@ -178,6 +178,7 @@ class SweepRun:
             trial_timeout=s.trial_timeout,
             grace_s=s.heartbeat_grace,
             progress=_console.EpochProgress(plan.objectives.metric),
+            keep_checkpoints=bool(s.keep_checkpoints),
         )
         if plan.timeout_s:
             # time is kept for the end (publishing, the report); workers share the first deadline

@@ -117,6 +117,10 @@ class MlflowOptunaSweeperConf:
     # a wall-clock budget for this command, e.g. 45m, 2h, 90s: no trial starts that cannot end
     # in time, running trials stop at their next report, and time is kept for the end
     timeout: Any = None
+    # a finished trial's checkpoints (a job's resume/ artifacts, see job.checkpoint_saved):
+    # false removes them, true keeps the last one; an interrupted trial keeps its own until the
+    # trial that continues it finishes
+    keep_checkpoints: bool = False
     # parameter sets tried first, e.g. [{model.dropout: 0.1, model.lr: 0.001}]
     enqueue: list[Any] = field(default_factory=list)
     # another study in the same storage: its complete trials that fit this search space are

@@ -1,6 +1,6 @@
 """app.py with switches for the sweeper's tests: per-epoch reports (pruning), failures, a
-non-number result, two objectives. Same config.yaml; with the switches at their defaults it is
-app.py.
+non-number result, two objectives, checkpoints. Same config.yaml; with the switches at their
+defaults it is app.py.
 """
 
 import time
@@ -8,7 +8,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from hydra_plugins.mlflow_optuna_sweeper.job import report
+from hydra_plugins.mlflow_optuna_sweeper.job import checkpoint_saved, continues, report
 
 
 @hydra.main(version_base="1.3", config_path=".", config_name="config")
@@ -16,10 +16,14 @@ def main(cfg: DictConfig) -> float:
     value = cfg.x**2 + cfg.y**2
     if cfg.fail_if_x_above is not None and cfg.x > cfg.fail_if_x_above:
         raise ValueError(f"x={cfg.x} is above fail_if_x_above={cfg.fail_if_x_above}")
-    for epoch in range(cfg.epochs):  # a curve falling to `value`: the pruner may stop it early
+    continuation = continues() if cfg.checkpoint else None
+    start = continuation.step + 1 if continuation else 0
+    for epoch in range(start, cfg.epochs):  # a curve falling to `value`: the pruner may stop it
         time.sleep(cfg.epoch_seconds)
         if report(value * (1 + 1 / (epoch + 1)), step=epoch, total=cfg.epochs):
             break
+        if cfg.checkpoint:  # its whole state is the epoch number: nothing to store
+            checkpoint_saved(epoch)
     if cfg.pareto:  # two objectives: their Pareto front is the segment from (0, 0) to (2, 2)
         f2 = (cfg.x - 2) ** 2 + (cfg.y - 2) ** 2
         return (value, f2) if cfg.pareto == "tuple" else {"f1": value, "f2": f2}
