@@ -24,6 +24,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from hydra_plugins.mlflow_optuna_sweeper._objectives import curve
+
 from benchmarks.common import DATA_HELP, data_folder, describe_data, limit_batches, run_sweep
 
 SAVED_TARGET = 0.40  # at least this share fewer epochs than without a pruner
@@ -71,6 +73,8 @@ def pareto_sweep(data: Path, work: Path, pruner: str, trials: int, epochs: int, 
     )
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{work}/optuna.db")
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    # the sweeper keeps a multi-objective trial's per-epoch values itself (see _objectives.py)
+    epochs = sum(len(curve(t)) for t in finished)
     front = sorted(
         (
             {
@@ -86,7 +90,7 @@ def pareto_sweep(data: Path, work: Path, pruner: str, trials: int, epochs: int, 
     )
     return {
         "pruner": pruner,
-        "epochs": sum(len(t.intermediate_values) for t in finished),
+        "epochs": epochs,
         "wall_s": wall,
         "pruned": sum(t.state == TrialState.PRUNED for t in finished),
         "front": front,

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from hydra_plugins.mlflow_optuna_sweeper import _console, _resume, _runs, _space, job
 from hydra_plugins.mlflow_optuna_sweeper._errors import SweepStopped
 from hydra_plugins.mlflow_optuna_sweeper._faults import crash_point
-from hydra_plugins.mlflow_optuna_sweeper._objectives import Objectives
+from hydra_plugins.mlflow_optuna_sweeper._objectives import Objectives, ReturnFormError
 from hydra_plugins.mlflow_optuna_sweeper._study import (
     FAILURE,
     PRUNED_AT,
@@ -69,6 +69,7 @@ class Outcome:
     values: list[float] | None = None
     kind: str = ""  # why it failed: error, timeout, interrupted
     reason: str = ""
+    stop: bool = False  # every trial would fail the same way: the sweep stops after this one
 
 
 @dataclass
@@ -269,6 +270,11 @@ class TrialLoop:
                 self.progress.clear()
         crash_point("after-job")
         self.tell(trial, run_id, outcome)
+        if outcome.stop:
+            raise SweepStopped(
+                f"trial {trial.number}: {outcome.reason}. Every trial would fail the same way: "
+                f"the sweep stopped. Fix the task function and rerun the command to resume."
+            )
         return outcome
 
     def judge(self, trial: optuna.Trial, ret) -> Outcome:
@@ -287,7 +293,8 @@ class TrialLoop:
             try:
                 values = self.objectives.values(ret.return_value)
             except ValueError as err:  # not a number, NaN, a tuple where a dict is wanted
-                return Outcome(TrialState.FAIL, kind="error", reason=str(err))
+                stop = isinstance(err, ReturnFormError)
+                return Outcome(TrialState.FAIL, kind="error", reason=str(err), stop=stop)
             return Outcome(TrialState.COMPLETE, values=values)
         err = ret._return_value  # the job's exception (JobReturn.return_value would re-raise it)
         if isinstance(err, optuna.TrialPruned) or (pruned_at is not None):

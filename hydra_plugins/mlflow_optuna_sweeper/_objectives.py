@@ -28,6 +28,10 @@ COMPARISONS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": oper
 CONSTRAINT = re.compile(r"\s*([A-Za-z_][\w.\-/]*)\s*(<=|>=|<|>)\s*(\S+)\s*")
 
 
+class ReturnFormError(ValueError):
+    """The task function returned another form than the objectives need (every trial would)."""
+
+
 @dataclass(frozen=True)
 class Constraint:
     name: str
@@ -116,14 +120,14 @@ class Objectives:
             values = [float(returned)]
         else:
             if not isinstance(returned, Mapping):
-                raise ValueError(
+                raise ReturnFormError(
                     f"the task function returned {type(returned).__name__} {returned!r}; a "
                     f"multi-objective sweep needs a dict keyed by the objectives' names, e.g. "
                     f"{{{', '.join(f'{n!r}: ...' for n in self.names)}}}"
                 )
             missing = [n for n in self.names if n not in returned]
             if missing:
-                raise ValueError(
+                raise ReturnFormError(
                     f"the task function's dict has no {', '.join(missing)} (it has "
                     f"{', '.join(map(str, returned))}): return every name in hydra.sweeper.metric"
                 )
