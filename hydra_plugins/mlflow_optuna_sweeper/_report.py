@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
+from optuna.trial import TrialState
 
 if TYPE_CHECKING:
     from hydra_plugins.mlflow_optuna_sweeper._objectives import Objectives
@@ -34,8 +35,12 @@ def write_plots(study: optuna.Study, folder: Path, objectives: Objectives) -> li
         "param_importances": (vis.plot_param_importances, vis_png.plot_param_importances),
         "intermediate_values": (vis.plot_intermediate_values, vis_png.plot_intermediate_values),
     }
-    if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+    shown = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if not any(t.intermediate_values for t in shown):
         del views["intermediate_values"]  # a job that reports no epochs has no curves to show
+    if not any(t.state == TrialState.COMPLETE for t in shown):
+        # the other views show complete trials (Optuna only warns that there are none)
+        views = {k: v for k, v in views.items() if k == "intermediate_values"}
     if objectives.multi:
         first = {"target": lambda t: t.values[0], "target_name": objectives.metric}
         views = {
