@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 from toy_sweep import ToySweep, check_invariant, ok
@@ -145,3 +146,46 @@ def test_a_warm_start_finds_better_values_sooner_than_a_cold_one(tmp_path):
     results = [warm_and_cold(tmp_path, seed, source) for seed in (0, 1, 2)]
     print("best of the first 5 trials, cold vs warm:", results)
     assert all(warm < cold for cold, warm in results), results
+
+
+def test_the_budget_judges_a_trial_by_its_epochs_not_by_pruned_durations():
+    """Trials of 10 planned epochs: 4 s to the first report, 2 s per epoch after (23 s whole).
+
+    Trial 0 ran 4 epochs and was stopped by the budget, trial 1 was pruned after 2 epochs
+    (7 s): the median finished duration would say 7 s, the epochs say 23 s.
+    """
+    import datetime
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import FrozenTrial
+
+    from hydra_plugins.mlflow_optuna_sweeper._loop import expected_seconds
+    from hydra_plugins.mlflow_optuna_sweeper._study import EPOCH_CLOCK
+
+    start = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    t0 = start.timestamp()
+    study = optuna.create_study()
+
+    def add(state, epochs: int, ends: float | None) -> None:
+        clock = {"first": t0 + 5, "last": t0 + 5 + 2 * (epochs - 1), "n": epochs, "total": 10}
+        study.add_trial(
+            FrozenTrial(
+                number=0,
+                state=state,
+                value=None,
+                values=None,
+                datetime_start=start,
+                datetime_complete=start + datetime.timedelta(seconds=ends) if ends else None,
+                params={"x": 0.0},
+                distributions={"x": FloatDistribution(-1, 1)},
+                user_attrs={},
+                system_attrs={EPOCH_CLOCK: clock},
+                intermediate_values={},
+                trial_id=0,
+            )
+        )
+
+    assert expected_seconds(study) == 0.0  # nothing to judge by: a trial may start
+    add(TrialState.FAIL, 4, 11.0)
+    add(TrialState.PRUNED, 2, 7.0)
+    assert expected_seconds(study) == pytest.approx(23.0)

@@ -20,6 +20,7 @@ from hydra_plugins.mlflow_optuna_sweeper._errors import SweepStopped
 from hydra_plugins.mlflow_optuna_sweeper._faults import crash_point
 from hydra_plugins.mlflow_optuna_sweeper._objectives import Objectives, ReturnFormError
 from hydra_plugins.mlflow_optuna_sweeper._study import (
+    EPOCH_CLOCK,
     FAILURE,
     PRUNED_AT,
     STOPPED_AT,
@@ -162,14 +163,7 @@ class TrialLoop:
         """No trial starts that could not finish before the deadline, judged by those so far."""
         if self.deadline is None:
             return False
-        now = time.time()
-        own = [
-            (t.datetime_complete - t.datetime_start).total_seconds()
-            for t in self.study.get_trials(deepcopy=False, states=FINISHED)
-            if t.datetime_start and t.datetime_complete and not is_imported(t)
-        ]
-        typical = sorted(own)[len(own) // 2] if own else 0.0
-        return now + typical > self.deadline
+        return time.time() + expected_seconds(self.study) > self.deadline
 
     def grid_exhausted(self) -> bool:
         sampler = self.study.sampler
@@ -344,6 +338,37 @@ class TrialLoop:
             ),
             flush=True,
         )
+
+
+def expected_seconds(study: optuna.Study) -> float:
+    """How long a whole trial takes, judged by this study's trials so far.
+
+    Per epoch when jobs report epochs (with the number planned): the time to a trial's first
+    report, then its time per epoch for the epochs left, for every trial that reported, pruned
+    or stopped ones included (their own durations would say "short"). Otherwise the median
+    duration of the finished trials; 0 before any.
+    """
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2] if values else 0.0
+
+    whole = []
+    for t in study.get_trials(deepcopy=False):
+        clock = t.system_attrs.get(EPOCH_CLOCK)
+        if is_imported(t) or not clock or not clock.get("total") or not t.datetime_start:
+            continue
+        first = clock["first"] - t.datetime_start.timestamp()
+        per_epoch = (clock["last"] - clock["first"]) / (clock["n"] - 1) if clock["n"] > 1 else first
+        whole.append(first + per_epoch * (clock["total"] - 1))
+    if whole:
+        return median(whole)
+    return median(
+        [
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in study.get_trials(deepcopy=False, states=FINISHED)
+            if t.datetime_start and t.datetime_complete and not is_imported(t)
+        ]
+    )
 
 
 # set by the SIGTERM handler: an interruption that came from a scheduler, not from Ctrl-C

@@ -40,6 +40,7 @@ WORKER_HOST, WORKER_PID = "worker_host", "worker_pid"
 FAILURE = "failure"  # why a trial is FAIL: error, interrupted, orphaned, timeout, surplus
 PRUNED_AT = "pruned_at_step"
 STOPPED_AT = "stopped_by_budget_at_step"
+EPOCH_CLOCK = "epoch_clock"  # under a time budget: when a trial's first and last report came
 CHECKPOINT_AT = "checkpoint_step"  # the last step the job's checkpoint holds (job.checkpoint_saved)
 CHECKPOINT_RUN = "checkpoint_run"  # the run that holds it (an earlier one, for a continuing trial)
 CREATOR_ATTR = "mlflow_optuna.creator"  # a study system attribute
@@ -338,6 +339,13 @@ class TrialReporter:
         self.progress = progress  # called with (trial, value, step, total)
         self.multi = len(study.directions) > 1
 
+    def clock(self, total: int | None) -> None:
+        """When this trial's first and latest epoch ended, and how many it plans."""
+        storage, trial_id, now = self.trial.storage, self.trial._trial_id, time.time()
+        clock = storage.get_trial(trial_id).system_attrs.get(EPOCH_CLOCK) or {"first": now, "n": 0}
+        clock = {"first": clock["first"], "last": now, "n": clock["n"] + 1, "total": total}
+        storage.set_trial_system_attr(trial_id, EPOCH_CLOCK, clock)
+
     def checkpoint_saved(self, step: int) -> None:
         storage, trial_id = self.trial.storage, self.trial._trial_id
         run_id = storage.get_trial(trial_id).user_attrs.get("mlflow_run_id")
@@ -369,6 +377,8 @@ class TrialReporter:
                 warnings.simplefilter("ignore", UserWarning)
                 self.trial.report(value, step)
         deadline = os.environ.get(job.ENV_DEADLINE)
+        if deadline:  # the budget judges the next trial's length from this trial's epochs
+            self.clock(total)
         if deadline and time.time() >= float(deadline):
             # the time budget is spent: stop at this epoch boundary, recorded as such
             self.trial.storage.set_trial_system_attr(self.trial._trial_id, STOPPED_AT, step)
