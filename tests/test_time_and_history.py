@@ -6,6 +6,7 @@ import time
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 from toy_sweep import ToySweep, check_invariant, ok
 
@@ -138,6 +139,34 @@ def test_a_warm_start_imports_the_earlier_trials_without_training_or_counting_th
     assert len(children) == 3  # nothing was trained again
     (best,) = [r for r in children if r.data.tags.get("best_run") == "true"]
     assert "IMPORTED" in proc.stdout
+
+
+def test_a_warm_start_from_an_earlier_sweeps_mlflow_runs(toy):
+    ok(toy.run("hydra.sweeper.study_name=last-week", "hydra.sweeper.n_trials=8", "epochs=0"))
+    results = yaml.safe_load((toy.path / "multirun" / "optimization_results.yaml").read_text())
+    earlier = {t.user_attrs["mlflow_run_id"]: t for t in toy.study_named("last-week").get_trials()}
+    # a new Optuna storage: last week's sweep is known to MLflow only
+    fresh = ToySweep(toy.path, storage=f"sqlite:///{toy.path}/fresh.db")
+    proc = fresh.run(
+        "hydra.sweeper.study_name=this-week",
+        f"hydra.sweeper.warm_start_from=runs:/{results['parent_run_id']}",
+        "hydra.sweeper.n_trials=2",
+        "epochs=0",
+        "x=interval(-5.5, 0)",  # some of last week's trials lie outside this space
+    )
+    ok(proc)
+    try:
+        trials = fresh.study_named("this-week").get_trials()
+    finally:
+        fresh.close()
+    imported = [t for t in trials if "imported_from" in t.user_attrs]
+    inside = [t for t in earlier.values() if t.params["x"] <= 0]
+    assert len(imported) == len(inside) and len(trials) == len(inside) + 2
+    for t in imported:  # the same parameters and values, linked to the runs they came from
+        source = earlier[t.user_attrs["imported_run_id"]]
+        assert t.params == source.params and t.value == source.value
+    assert f"warm start: imported {len(inside)} trial(s) of the sweep of run" in proc.stdout
+    assert f"skipped {8 - len(inside)} outside the search space" in proc.stdout
 
 
 @pytest.mark.slow

@@ -148,9 +148,11 @@ class SweepRun:
             # a resumed study, or a second worker: the seed's sequence would repeat the first
             # worker's trials, so only the process that created the study keeps the seed
             plan.sampler.reseed_rng()
-        for note in seed_study(study, plan.space, plan.enqueue or [], self.s.warm_start_from):
-            print(note, flush=True)
         client = _runs.connect(plan.tracking_uri)  # a down server fails here, not after retries
+        for note in seed_study(
+            study, plan.space, plan.enqueue or [], self.s.warm_start_from, client, plan.objectives
+        ):
+            print(note, flush=True)
         experiment = _runs.experiment_id(client, plan.experiment_name)
         crash_point("stores-created")
         # handed to every job's process through the environment, never on a command line

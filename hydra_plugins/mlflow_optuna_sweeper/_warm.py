@@ -14,9 +14,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError
+from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError, mask_url
 
 SEEDED_ATTR = "mlflow_optuna.seeded"
+RUN_URI = "runs:/"  # warm_start_from=runs:/<parent run id>: an earlier sweep, from MLflow
 IMPORTED = "imported_from"  # a user attribute: "<study>#<trial number>"
 
 
@@ -61,13 +62,17 @@ def seed_study(
     space: dict[str, Any],
     enqueue: list[dict[str, Any]],
     warm_start_from: str | None,
+    client: Any = None,
+    objectives: Any = None,
 ) -> list[str]:
     """Enqueue and import once; return what to tell the user."""
     attrs = study._storage.get_study_system_attrs(study._study_id)
     if attrs.get(SEEDED_ATTR) or not (enqueue or warm_start_from):
         return []
     notes = []
-    if warm_start_from:
+    if warm_start_from and str(warm_start_from).startswith(RUN_URI):
+        notes.append(import_runs(study, space, str(warm_start_from), client, objectives))
+    elif warm_start_from:
         notes.append(import_trials(study, space, warm_start_from))
     for params in enqueue:
         study.enqueue_trial(params, skip_if_exists=True)
@@ -117,7 +122,86 @@ def import_trials(study: optuna.Study, space: dict[str, Any], source_name: str) 
                 )
             )
             imported += 1
+    return summary(imported, skipped, f"study {source_name!r}")
+
+
+def summary(imported: int, skipped: Counter[str], source: str) -> str:
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
-    return f"warm start: imported {imported} trial(s) of study {source_name!r}" + (
+    return f"warm start: imported {imported} trial(s) of {source}" + (
         f"; skipped {why}" if why else ""
     )
+
+
+def import_runs(study: optuna.Study, space: dict[str, Any], uri: str, client, objectives) -> str:
+    """The complete trials of an earlier sweep, read from its MLflow runs (runs:/<parent id>).
+
+    For a sweep whose Optuna storage is gone or elsewhere: each child run's params give the
+    parameters, its metrics the objectives' values.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from hydra_plugins.mlflow_optuna_sweeper import _runs
+
+    parent_id = uri.removeprefix(RUN_URI).strip("/")
+    try:
+        parent = client.get_run(parent_id)
+    except MlflowException:
+        raise SweepConfigError(
+            f"hydra.sweeper.warm_start_from={uri!r}: no such run in the MLflow store "
+            f"{mask_url(client.tracking_uri)}; give the parent run of an earlier sweep (its id "
+            f"is parent_run_id in optimization_results.yaml) or a study name"
+        ) from None
+    if parent.data.tags.get("sweep.role") != _runs.PARENT_ROLE:
+        raise SweepConfigError(
+            f"hydra.sweeper.warm_start_from={uri!r} is not the parent run of a sweep (tag "
+            f"sweep.role=sweep): give the run named sweep-<study name>"
+        )
+    was = parent.data.params.get("sweeper.direction", "").split(",")
+    if was != list(objectives.directions):
+        raise SweepConfigError(
+            f"hydra.sweeper.warm_start_from={uri!r} was to {' and '.join(was)}, this study is "
+            f"to {' and '.join(objectives.directions)}: their values cannot be compared"
+        )
+    skipped: Counter[str] = Counter()
+    imported = 0
+    for run in _runs.children(client, parent_id):
+        values = [run.data.metrics.get(name) for name in objectives.names]
+        params = {key: from_param(dist, run.data.params.get(key)) for key, dist in space.items()}
+        if run.data.tags.get("optuna.state") != "COMPLETE":
+            skipped["not complete"] += 1
+        elif any(v is None or not math.isfinite(v) for v in values):
+            skipped[f"without {', '.join(objectives.names)}"] += 1
+        elif any(v is None for v in params.values()):
+            skipped["other parameters"] += 1
+        elif not all(fits(space[k], v) for k, v in params.items()):
+            skipped["outside the search space"] += 1
+        else:
+            number = run.data.tags.get("optuna.trial_number", "?")
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions=space,
+                    values=values,
+                    user_attrs={IMPORTED: f"{uri}#{number}", "imported_run_id": run.info.run_id},
+                )
+            )
+            imported += 1
+    return summary(imported, skipped, f"the sweep of run {parent_id}")
+
+
+def from_param(dist: optuna.distributions.BaseDistribution, text: str | None) -> Any:
+    """A logged MLflow param (a string) as a value of `dist`, or None."""
+    if text is None:
+        return None
+    try:
+        if isinstance(dist, optuna.distributions.FloatDistribution):
+            return float(text)
+        if isinstance(dist, optuna.distributions.IntDistribution):
+            return int(float(text)) if float(text).is_integer() else None
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            from hydra_plugins.mlflow_optuna_sweeper._runs import param_value
+
+            return next((c for c in dist.choices if param_value(c) == text), None)
+    except ValueError:
+        return None
+    return None

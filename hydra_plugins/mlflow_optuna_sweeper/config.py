@@ -123,8 +123,9 @@ class MlflowOptunaSweeperConf:
     keep_checkpoints: bool = False
     # parameter sets tried first, e.g. [{model.dropout: 0.1, model.lr: 0.001}]
     enqueue: list[Any] = field(default_factory=list)
-    # another study in the same storage: its complete trials that fit this search space are
-    # given to the sampler as prior knowledge (imported once; not trained, not counted)
+    # another study in the same storage, or runs:/<parent run id> of an earlier sweep in this
+    # MLflow store: its complete trials that fit this search space are given to the sampler as
+    # prior knowledge (imported once; not trained, not counted)
     warm_start_from: Any = None
     # search space: dotted config key -> Hydra override grammar, e.g. interval(0.0, 0.5)
     params: dict[str, Any] = field(default_factory=dict)
