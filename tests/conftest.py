@@ -198,30 +198,54 @@ def create_database(server_url: str, name: str) -> str:
     return f"{server_url}/{name}"
 
 
-@pytest.fixture
-def mlflow_server(postgres, tmp_path):
-    """`mlflow server` on loopback with a PostgreSQL backend; stopped even if the test fails."""
-    backend = create_database(postgres, f"mlflow_{tmp_path.name}".lower()[:60])
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "mlflow-server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-             "--artifacts-destination", str(tmp_path / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            # no background job runners: they cost minutes of start-up and are not used here
-            env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        )  # fmt: skip
+class MlflowServer:
+    """`mlflow server` on loopback with a PostgreSQL backend, which a test may stop and restart."""
+
+    def __init__(self, backend: str, folder: Path) -> None:
+        self.backend, self.folder = backend, folder
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log_path = self.folder / "mlflow-server.log"
+        with open(log_path, "a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
+                 "--artifacts-destination", str(self.folder / "artifacts"),
+                 "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--workers", "2"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                # no background job runners: they cost minutes of start-up and are not used here
+                env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            )  # fmt: skip
+        wait_for_http(f"{self.url}/health", self.process, lambda: log_path.read_text())
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            wait_for_http(f"{url}/health", server, lambda: log_path.read_text())
-            yield url
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture
+def stoppable_mlflow_server(postgres, tmp_path):
+    """An MlflowServer, started; stopped even if the test fails."""
+    server = MlflowServer(
+        create_database(postgres, f"mlflow_{tmp_path.name}".lower()[:60]), tmp_path
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(stoppable_mlflow_server):
+    """The URL of `mlflow server` on loopback with a PostgreSQL backend."""
+    return stoppable_mlflow_server.url

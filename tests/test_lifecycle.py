@@ -234,3 +234,34 @@ def test_deleted_runs_do_not_break_a_resume_and_a_deleted_experiment_is_one_erro
     client.delete_experiment(client.get_experiment_by_name("toy").experiment_id)
     proc = toy.run("hydra.sweeper.n_trials=4", "epochs=0")
     assert proc.returncode == 2 and "mlflow experiments restore" in proc.stderr
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_down_for_30_s_mid_trial_loses_nothing(tmp_path, stoppable_mlflow_server):
+    """MLflow's client retries a refused connection for about two minutes: a server that is
+    back within that wait costs the sweep the wait and nothing else."""
+    server = stoppable_mlflow_server
+    toy = ToySweep(tmp_path / "sweep")
+    toy.path.mkdir()
+    toy.tracking_uri = server.url
+    proc = toy.popen("hydra.sweeper.n_trials=3", "epochs=6", "epoch_seconds=1")
+    lines = []
+    for line in proc.stdout:  # the progress lines: one per epoch when not on a terminal
+        lines.append(line)
+        if line.startswith("[trial 0] epoch 2/6"):
+            break
+    server.stop()  # in the middle of trial 0: its end, and trial 1's start, meet a dead server
+    stopped = time.monotonic()
+    time.sleep(30)
+    assert proc.poll() is None, "".join(lines) + proc.stdout.read()  # still waiting, not failed
+    server.start()
+    print(f"the server was down for {time.monotonic() - stopped:.0f} s")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, "".join(lines) + out
+    try:
+        check_invariant(toy)  # 3 finished trials, no run RUNNING, one parent, one best, the end
+        runs = {r.info.run_id: r for r in toy.runs()}
+        for trial in toy.study().get_trials():  # every finished trial's result reached its run
+            assert runs[trial.user_attrs["mlflow_run_id"]].data.metrics["value"] == trial.value
+    finally:
+        toy.close()
