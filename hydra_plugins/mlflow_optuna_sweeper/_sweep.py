@@ -315,18 +315,30 @@ class SweepRun:
         )
 
 
-def open_study_or_explain(s: MlflowOptunaSweeperConf, plan: Plan):
+def open_study_or_explain(s: MlflowOptunaSweeperConf, plan: Plan, attempts: int = 5):
     url = plan.storage_url
-    try:
-        storage = make_storage(url, s.heartbeat_interval, s.heartbeat_grace)
-        return open_study(s.study_name, storage, plan.objectives, plan.sampler, plan.pruner)
-    except SweepError:
-        raise
-    except Exception as err:  # a database that does not exist, a server that refuses
-        if not type(err).__module__.startswith(("sqlalchemy", "psycopg", "optuna", "sqlite3")):
+    for attempt in range(attempts):
+        try:
+            storage = make_storage(url, s.heartbeat_interval, s.heartbeat_grace)
+            return open_study(s.study_name, storage, plan.objectives, plan.sampler, plan.pruner)
+        except SweepError:
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SweepConfigError(
-            f"cannot open the Optuna storage {mask_url(url)}: {mask_url(first)[:300]}. Check the "
-            f"URL, that the database exists (createdb ...) and that its server runs"
-        ) from None
+        except Exception as err:  # a database that does not exist, a server that refuses
+            if not type(err).__module__.startswith(("sqlalchemy", "psycopg", "optuna", "sqlite3")):
+                raise
+            if creating_at_once(err) and attempt + 1 < attempts:
+                time.sleep(0.5 * (attempt + 1))  # the other worker's tables are there by then
+                continue
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SweepConfigError(
+                f"cannot open the Optuna storage {mask_url(url)}: {mask_url(first)[:300]}. Check "
+                f"the URL, that the database exists (createdb ...) and that its server runs"
+            ) from None
+
+
+def creating_at_once(err: Exception) -> bool:
+    """Workers that start together on a new PostgreSQL database all create Optuna's tables;
+    all but one fail on a unique index (the catalogue's, or the version row's), or find a
+    table that "already exists". Opened again, the storage finds them made."""
+    text = str(err)
+    return "duplicate key value" in text or "already exists" in text
