@@ -38,6 +38,48 @@ def _backend(study: optuna.Study):
     return getattr(storage, "_backend", storage)  # _CachedStorage wraps the RDB storage
 
 
+def insert_once(study: optuna.Study, key: str, value: Any) -> bool:
+    """Set the study system attribute `key` if no worker has: True for exactly one of them."""
+    backend = _backend(study)
+    if isinstance(backend, optuna.storages.RDBStorage):
+        import sqlalchemy
+        from optuna.storages._rdb import models
+
+        table = models.StudySystemAttributeModel.__table__
+        try:
+            with backend.engine.begin() as connection:
+                connection.execute(
+                    sqlalchemy.insert(table).values(
+                        study_id=study._study_id, key=key, value_json=json.dumps(value)
+                    )
+                )
+        except sqlalchemy.exc.IntegrityError:
+            return False
+        return True
+    with study_lock(study):
+        if key in study._storage.get_study_system_attrs(study._study_id):
+            return False
+        study._storage.set_study_system_attr(study._study_id, key, value)
+        return True
+
+
+@contextlib.contextmanager
+def study_lock(study: optuna.Study):
+    """Mutual exclusion among the study's workers where the storage has no transactions."""
+    backend = _backend(study)
+    if isinstance(backend, optuna.storages.JournalStorage):
+        path = Path(backend._backend._file_path).with_suffix(".end-lock")
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:  # in memory: one process
+        with _MEMORY_LOCK:
+            yield
+
+
 class EndClaim:
     """Who does the end of the sweep at `finished` trials, and how far they got."""
 
@@ -84,29 +126,7 @@ class EndClaim:
         return True
 
     def _insert(self, value: dict[str, Any]) -> bool:
-        backend = _backend(self.study)
-        if isinstance(backend, optuna.storages.RDBStorage):
-            import sqlalchemy
-            from optuna.storages._rdb import models
-
-            table = models.StudySystemAttributeModel.__table__
-            try:
-                with backend.engine.begin() as connection:
-                    connection.execute(
-                        sqlalchemy.insert(table).values(
-                            study_id=self.study._study_id,
-                            key=self.key,
-                            value_json=json.dumps(value),
-                        )
-                    )
-            except sqlalchemy.exc.IntegrityError:
-                return False
-            return True
-        with self._lock():
-            if self.current() is not None:
-                return False
-            self._set(value)
-            return True
+        return insert_once(self.study, self.key, value)
 
     def _replace(self, old: dict[str, Any], new: dict[str, Any]) -> bool:
         backend = _backend(self.study)
@@ -130,20 +150,8 @@ class EndClaim:
             self._set(new)
             return True
 
-    @contextlib.contextmanager
     def _lock(self):
-        backend = _backend(self.study)
-        if isinstance(backend, optuna.storages.JournalStorage):
-            path = Path(backend._backend._file_path).with_suffix(".end-lock")
-            with open(path, "a") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(handle, fcntl.LOCK_UN)
-        else:  # in memory: one process
-            with _MEMORY_LOCK:
-                yield
+        return study_lock(self.study)
 
     def _set(self, value: dict[str, Any]) -> None:
         self.study._storage.set_study_system_attr(self.study._study_id, self.key, value)

@@ -19,6 +19,7 @@ from mlflow.entities import Metric
 from optuna.trial import TrialState
 
 from hydra_plugins.mlflow_optuna_sweeper import job
+from hydra_plugins.mlflow_optuna_sweeper._claim import insert_once
 from hydra_plugins.mlflow_optuna_sweeper._console import IMPORTED
 from hydra_plugins.mlflow_optuna_sweeper._objectives import CURVE
 from hydra_plugins.mlflow_optuna_sweeper._study import CHECKPOINT_AT, CHECKPOINT_RUN, FAILURE
@@ -26,8 +27,8 @@ from hydra_plugins.mlflow_optuna_sweeper._study import CHECKPOINT_AT, CHECKPOINT
 log = logging.getLogger(__name__)
 
 CONTINUES = "continues_trial"  # user attribute of a new trial: the number of the one it continues
-# a study system attribute per interrupted trial whose continuation was enqueued (a finished
-# trial's own attributes cannot change)
+# a study system attribute per interrupted trial whose continuation was enqueued, set by
+# exactly one worker (a finished trial's own attributes cannot change)
 CONTINUED = "mlflow_optuna.continued.{number}"
 # how a trial stopped that may continue: its worker died, a signal, the time budget
 CONTINUABLE = ("orphaned", "interrupted", "time_budget")
@@ -49,9 +50,10 @@ def enqueue_continuations(study: optuna.Study) -> list[str]:
     done = study._storage.get_study_system_attrs(study._study_id)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         key = CONTINUED.format(number=trial.number)
-        if not continuable(trial) or done.get(key):
+        if not continuable(trial) or key in done:
             continue
-        study._storage.set_study_system_attr(study._study_id, key, True)
+        if not insert_once(study, key, True):  # another worker enqueued it just now
+            continue
         study.enqueue_trial(trial.params, user_attrs={CONTINUES: trial.number})
         step = trial.system_attrs[CHECKPOINT_AT]
         notes.append(
