@@ -193,6 +193,23 @@ def test_a_tuple_is_refused_with_the_form_to_use(toy):
     assert "{'f1': ..., 'f2': ...}" in reason
 
 
+@pytest.mark.parametrize(
+    "setting, refused",
+    [
+        ("hydra.sweeper.pruner=hyperband", "HyperbandPruner"),
+        ("hydra.sweeper.sampler=cmaes", "CmaEsSampler"),
+    ],
+)
+def test_a_pruner_or_sampler_for_one_objective_is_refused_before_anything_exists(
+    toy, setting, refused
+):
+    proc = toy.run(*TWO, NO_EPOCHS, setting)
+    assert proc.returncode == 2
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert f"{refused} cannot work with several objectives" in error
+    assert not (toy.path / "optuna.db").exists()
+
+
 # ---- the rules, on trials made by hand ---------------------------------------------------------
 
 
