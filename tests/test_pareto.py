@@ -317,3 +317,37 @@ def test_the_mnist_pareto_preset_publishes_the_most_accurate_small_model(sweep):
     assert float(version.tags["n_params"]) == points[champion][1] <= 200_000
     assert float(version.tags["val_acc"]) == pytest.approx(-points[champion][0], abs=1e-6)
     assert "test_acc" in version.tags  # the publish hook ran on the champion
+
+
+@pytest.mark.parametrize("pruner", ["median", "percentile", "successive_halving", "threshold"])
+def test_each_pruner_named_in_the_readme_judges_a_multi_objective_curve(pruner):
+    """Through the sweeper's view: its rule on the first objective's per-epoch values."""
+    from hydra_plugins.mlflow_optuna_sweeper._objectives import CURVE, FirstObjective, with_curve
+    from hydra_plugins.mlflow_optuna_sweeper._study import make_pruner
+
+    rule = make_pruner({"name": pruner, **({"lower": 0.5} if pruner == "threshold" else {})})
+    study = optuna.create_study(directions=["maximize", "minimize"], pruner=rule)
+    decisions = []
+    for i in range(6):  # better trials first: the last ones have worse curves
+        trial = study.ask()
+        for step in range(3):
+            curve_so_far = {str(s): 1.0 - 0.1 * i - 0.01 * (2 - s) for s in range(step + 1)}
+            study._storage.set_trial_system_attr(trial._trial_id, CURVE, curve_so_far)
+            frozen = with_curve(study._storage.get_trial(trial._trial_id))
+            decisions.append(rule.prune(FirstObjective(study), frozen))
+        study.tell(trial, [1.0 - 0.1 * i, float(i)])
+    assert any(decisions)  # the rule ran on the curves (and could stop the worse trials)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random", "gp"])
+def test_each_sampler_named_in_the_readme_samples_two_objectives(sampler):
+    from hydra_plugins.mlflow_optuna_sweeper._study import make_sampler
+
+    space = {"x": optuna.distributions.FloatDistribution(-1, 1)}
+    study = optuna.create_study(
+        directions=["minimize", "minimize"], sampler=make_sampler(sampler, 0, space)
+    )
+    for _ in range(12):
+        trial = study.ask(space)
+        study.tell(trial, [trial.params["x"] ** 2, (trial.params["x"] - 1) ** 2])
+    assert len(study.best_trials) >= 1
