@@ -223,9 +223,8 @@ class Objectives:
             ]
             return math.sqrt(sum(g * g for g in gaps))
 
-        return min(zip(points, front, strict=True), key=lambda pt: (distance(pt[0]), pt[1].number))[
-            1
-        ]
+        nearest = min(range(len(front)), key=lambda i: (distance(points[i]), front[i].number))
+        return front[nearest]
 
 
 def _as_list(value: Any, what: str) -> list[str]:

@@ -14,11 +14,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from hydra_plugins.mlflow_optuna_sweeper._console import IMPORTED  # "<source>#<trial number>"
 from hydra_plugins.mlflow_optuna_sweeper._errors import SweepConfigError, mask_url
 
 SEEDED_ATTR = "mlflow_optuna.seeded"
 RUN_URI = "runs:/"  # warm_start_from=runs:/<parent run id>: an earlier sweep, from MLflow
-IMPORTED = "imported_from"  # a user attribute: "<study>#<trial number>"
 
 
 def is_imported(trial: optuna.trial.FrozenTrial) -> bool:
