@@ -4,9 +4,9 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra_plugins.mlflow_study_sweeper.cli import quote_search_space_args
 from omegaconf import DictConfig
 
-from hydra_plugins.mlflow_optuna_sweeper.cli import quote_search_space_args
 from mnist.config import register_configs
 from mnist.errors import UserFacingError
 from mnist.train import run

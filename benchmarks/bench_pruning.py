@@ -22,10 +22,10 @@ import tempfile
 from pathlib import Path
 
 import optuna
+from hydra_plugins.mlflow_study_sweeper._keys import curve
 from optuna.trial import TrialState
 
 from benchmarks.common import DATA_HELP, data_folder, describe_data, limit_batches, run_sweep
-from hydra_plugins.mlflow_optuna_sweeper._objectives import curve
 
 SAVED_TARGET = 0.40  # at least this share fewer epochs than without a pruner
 BEST_WITHIN_PP = 0.5  # best val_acc within this many percentage points of the baseline's

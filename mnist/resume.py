@@ -17,13 +17,13 @@ from typing import Any
 import mlflow
 import pytorch_lightning as pl
 import torch
-
-from hydra_plugins.mlflow_optuna_sweeper.job import (
+from hydra_plugins.mlflow_study_sweeper.job import (
     CHECKPOINT_DIR,
     Continuation,
     checkpoint_artifact,
     checkpoint_saved,
 )
+
 from mnist.data import TensorBatches
 
 

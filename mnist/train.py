@@ -18,9 +18,9 @@ from typing import Any
 import mlflow
 import pytorch_lightning as pl
 import torch
+from hydra_plugins.mlflow_study_sweeper.job import PruningCallback, continues, current_trial
 from omegaconf import DictConfig
 
-from hydra_plugins.mlflow_optuna_sweeper.job import PruningCallback, continues, current_trial
 from mnist import resume
 from mnist.config import check_config, flatten, metrics_of
 from mnist.data import ensure_mnist, load_mnist

@@ -3,9 +3,9 @@
 import re
 
 import pytest
-from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from mnist_sweep import REPO
 from omegaconf import OmegaConf
 
 from mnist.config import ConfigValueError, check_config, flatten, register_configs
@@ -26,7 +26,7 @@ def test_defaults():
     assert cfg.trainer.accelerator == "auto"
     assert cfg.mlflow.tracking_uri == "sqlite:///mlflow.db"
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("MlflowOptunaSweeper")
+    assert sweeper._target_.endswith("MlflowStudySweeper")
     assert sweeper.n_trials == 20 and sweeper.direction == "maximize"
     assert sweeper.storage == "sqlite:///optuna.db"
     assert sweeper.sampler == "tpe" and sweeper.pruner == "median"

@@ -12,9 +12,10 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_ok, wait_for_http
 from fake_mnist import patterns
 from mlflow.tracking import MlflowClient
+from mnist_sweep import REPO, assert_ok
+from servers import wait_for_http
 
 
 def digits(n: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
 import optuna
 import pytest
 import yaml
-from conftest import assert_ok
+from mnist_sweep import assert_ok
 
 # random sampling over a good and a hopeless learning rate (Adam at 0.5 stays at chance), and
 # a median pruner that may judge from the first epoch after one finished trial

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import yaml
-from conftest import SweepDir, assert_ok
 from fake_mnist import write_mnist
+from mnist_sweep import SweepDir, assert_ok
 from optuna.trial import TrialState
 
 # no pruner: these tests count finished trials exactly
@@ -74,7 +74,7 @@ TRIAL_1_MID_TRAINING = "epoch-reported:6"
 
 
 def test_killed_mid_trial_resumes(sweep):
-    proc = sweep.run(
+    proc = sweep.spawn(
         "hydra.sweeper.n_trials=3", *STEADY, env={"SWEEP_CRASH_AT": TRIAL_1_MID_TRAINING}
     )
     assert proc.returncode == -signal.SIGKILL
@@ -125,7 +125,8 @@ def test_an_interrupted_trial_continues_from_its_last_epoch_to_the_same_result(s
         "trainer.accelerator=cpu",
         "hydra.sweeper.enqueue=[{model.dropout: 0.2, model.lr: 0.002}]",
     )
-    killed = sweep.run(*same, env={"SWEEP_CRASH_AT": "epoch-reported:2"})
+    # as processes of their own: the comparison below is to the last bit, same threads and all
+    killed = sweep.spawn(*same, env={"SWEEP_CRASH_AT": "epoch-reported:2"})
     assert killed.returncode == -signal.SIGKILL
     (trial,) = sweep.study().get_trials()
     first_run = trial.user_attrs["mlflow_run_id"]
@@ -134,7 +135,7 @@ def test_an_interrupted_trial_continues_from_its_last_epoch_to_the_same_result(s
     saved = [f.path for f in client.list_artifacts(first_run, "resume")]
     assert saved == ["resume/epoch-1.ckpt"]  # the older one was dropped once this one was saved
 
-    resumed = sweep.run(*same)
+    resumed = sweep.spawn(*same)
     assert_ok(resumed)
     assert "trial 0 was interrupted after epoch 2: a new trial" in resumed.stdout
     old, new = sweep.study().get_trials()
@@ -154,7 +155,7 @@ def test_an_interrupted_trial_continues_from_its_last_epoch_to_the_same_result(s
     # the same trial, never interrupted: the same result, to the last bit
     whole = SweepDir(sweep.path / "whole", sweep.mnist_root)
     whole.path.mkdir()
-    assert_ok(whole.run(*same, "hydra.sweeper.keep_checkpoints=true"))
+    assert_ok(whole.spawn(*same, "hydra.sweeper.keep_checkpoints=true"))
     (uninterrupted,) = whole.study().get_trials()
     reference = whole.client().get_run(uninterrupted.user_attrs["mlflow_run_id"])
     assert reference.data.metrics["epochs_trained"] == 4
@@ -294,7 +295,7 @@ def test_rerunning_a_complete_study_explains_how_to_continue(sweep):
 
 
 def test_same_seed_same_trials_and_metrics(tmp_path, mnist_root):
-    from conftest import SweepDir
+    from mnist_sweep import SweepDir
 
     results = []
     for name in ("a", "b"):

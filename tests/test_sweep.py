@@ -4,7 +4,7 @@ import math
 
 import optuna
 import yaml
-from conftest import assert_ok
+from mnist_sweep import assert_ok
 
 METRICS = ("acc", "loss", "val_acc", "val_loss")
 

@@ -1,0 +1,35 @@
+"""app.py with switches for the sweeper's tests: per-epoch reports (pruning), failures, a
+non-number result, two objectives, checkpoints. Same config.yaml; with the switches at their
+defaults it is app.py.
+"""
+
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from hydra_plugins.mlflow_study_sweeper.job import checkpoint_saved, continues, report
+
+
+@hydra.main(version_base="1.3", config_path=".", config_name="config")
+def main(cfg: DictConfig) -> float:
+    value = cfg.x**2 + cfg.y**2
+    if cfg.fail_if_x_above is not None and cfg.x > cfg.fail_if_x_above:
+        raise ValueError(f"x={cfg.x} is above fail_if_x_above={cfg.fail_if_x_above}")
+    continuation = continues() if cfg.checkpoint else None
+    start = continuation.step + 1 if continuation else 0
+    for epoch in range(start, cfg.epochs):  # a curve falling to `value`: the pruner may stop it
+        time.sleep(cfg.epoch_seconds)
+        if report(value * (1 + 1 / (epoch + 1)), step=epoch, total=cfg.epochs):
+            break
+        if cfg.checkpoint:  # its whole state is the epoch number: nothing to store
+            checkpoint_saved(epoch)
+    if cfg.pareto:  # two objectives: their Pareto front is the segment from (0, 0) to (2, 2)
+        f2 = (cfg.x - 2) ** 2 + (cfg.y - 2) ** 2
+        forms = {"tuple": (value, f2), "triple": (value, f2, 0.0), "text": f"{value},{f2}"}
+        return forms.get(cfg.pareto, {"f1": value, "f2": f2})
+    return f"{value}" if cfg.return_text else value
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Real servers on loopback for tests: PostgreSQL (installed from Debian when missing, as root)
+and `mlflow server` on a PostgreSQL backend, which a test may stop and restart. Shared by the
+sweeper's tests and the MNIST app's (its conftest imports these fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, server: subprocess.Popen, output, timeout: float = 180) -> None:
+    """Block until `url` answers; fail with the server's output if it exits or stays silent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"the server exited:\n{output()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{url} did not answer in {timeout:.0f} s")
+            time.sleep(1)
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on loopback for the session (installed from Debian if missing)."""
+    pg_bin = _postgres_bin()
+    if pg_bin is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "postgresql"],
+            check=True,
+            capture_output=True,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
+        pg_bin = _postgres_bin()
+    if pg_bin is None:
+        pytest.fail("PostgreSQL is not installed: apt-get install postgresql (needs root)")
+    # its own folder outside pytest's root-only tmp tree: the server runs as user postgres
+    folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-pg-"))
+    as_postgres = os.geteuid() == 0
+    if as_postgres:
+        shutil.chown(folder, "postgres")
+
+    def pg(*command: str) -> None:
+        line = " ".join(command)
+        argv = ["su", "postgres", "-c", line] if as_postgres else ["bash", "-c", line]
+        subprocess.run(argv, check=True, capture_output=True)
+
+    port = free_port()
+    pg(f"{pg_bin}/initdb", "-D", f"{folder}/data", "-A", "trust", "-U", "postgres")
+    pg(
+        f"{pg_bin}/pg_ctl", "-D", f"{folder}/data", "-w", "-l", f"{folder}/log",
+        "-o", f"'-p {port} -k {folder} -h 127.0.0.1'", "start",
+    )  # fmt: skip
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        pg(f"{pg_bin}/pg_ctl", "-D", f"{folder}/data", "-m", "fast", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def create_database(server_url: str, name: str) -> str:
+    import psycopg
+
+    with psycopg.connect(f"{server_url}/postgres", autocommit=True) as connection:
+        connection.execute(f'create database "{name}"')
+    return f"{server_url}/{name}"
+
+
+class MlflowServer:
+    """`mlflow server` on loopback with a PostgreSQL backend, which a test may stop and restart."""
+
+    def __init__(self, backend: str, folder: Path) -> None:
+        self.backend, self.folder = backend, folder
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log_path = self.folder / "mlflow-server.log"
+        with open(log_path, "a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
+                 "--artifacts-destination", str(self.folder / "artifacts"),
+                 "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--workers", "2"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                # no background job runners: they cost minutes of start-up and are not used here
+                env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            )  # fmt: skip
+        wait_for_http(f"{self.url}/health", self.process, lambda: log_path.read_text())
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture
+def stoppable_mlflow_server(postgres, tmp_path):
+    """An MlflowServer, started; stopped even if the test fails."""
+    server = MlflowServer(
+        create_database(postgres, f"mlflow_{tmp_path.name}".lower()[:60]), tmp_path
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(stoppable_mlflow_server):
+    """The URL of `mlflow server` on loopback with a PostgreSQL backend."""
+    return stoppable_mlflow_server.url

@@ -1,0 +1,311 @@
+"""The sweeper on its own: a toy Hydra app (tests/apps) swept in this process, stores read back.
+
+No MNIST and no torch: app.py returns x**2 + y**2 and logs nothing, so whatever the MLflow and
+Optuna stores hold afterwards was put there by the sweeper. curve_app.py adds switches for
+per-epoch reports (pruning), failures and a non-number result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from harness import ToyApp, by_number, error_lines, ok
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError
+from hydra_plugins.mlflow_study_sweeper._space import parse
+
+COMPLETE, PRUNED, FAIL = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
+# the median pruner at its most eager: trial 0 sets the bar, any later trial may stop at epoch 0
+EAGER_MEDIAN = "hydra.sweeper.pruner={name: median, n_startup_trials: 1, n_warmup_steps: 0}"
+
+
+def assert_one_best(toy: ToyApp, children, minimum: float) -> None:
+    """Exactly one run tagged best_run, a COMPLETE one holding the study's minimum."""
+    (best,) = [r for r in children if r.data.tags.get("best_run") == "true"]
+    assert best.data.tags["optuna.state"] == "COMPLETE"
+    assert best.data.metrics["value"] == minimum
+    assert int(best.data.tags["optuna.trial_number"]) == toy.study().best_trial.number
+
+
+# ---- a plain sweep ---------------------------------------------------------------------------
+
+
+def test_a_sweep_makes_a_parent_run_a_child_per_trial_and_resumes(tmp_path):
+    toy = ToyApp(tmp_path)  # no stores yet: the sweeper creates both, as for a new user
+    proc = toy.run("hydra.sweeper.n_trials=3")
+    ok(proc)
+
+    study = toy.study()
+    assert optuna.get_all_study_names(toy.storage) == ["toy"]  # no helper studies
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [COMPLETE] * 3
+    for t in trials:
+        assert t.value == pytest.approx(t.params["x"] ** 2 + t.params["y"] ** 2)
+
+    (parent,), children = toy.runs()
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep.role"] == "sweep"
+    assert parent.data.tags["sweep.state"] == "finished"
+    assert parent.data.params["sweeper.sampler"] == "TPESampler"  # the default
+    runs = by_number(children)
+    assert sorted(runs) == [0, 1, 2]
+    for t in trials:
+        run = runs[t.number]
+        assert run.info.run_id == t.user_attrs["mlflow_run_id"]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["optuna.state"] == "COMPLETE"
+        # the app logs nothing: the params and the metric are the sweeper's
+        assert set(run.data.params) == {"x", "y"}
+        assert float(run.data.params["x"]) == t.params["x"]
+        assert float(run.data.params["y"]) == t.params["y"]
+        assert run.data.metrics == {"value": t.value}
+    best = min(trials, key=lambda t: t.value)
+    assert_one_best(toy, children, best.value)
+    assert parent.data.tags["best_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert parent.data.metrics["best_value"] == best.value
+
+    results = toy.results()
+    assert results["best_trial"] == best.number
+    assert math.isclose(results["best_value"], best.value)
+    assert results["best_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert results["trials"] == {
+        "complete": 3,
+        "pruned": 0,
+        "failed": 0,
+        "running": 0,
+        "imported": 0,
+    }
+    # the end table: a row per trial and the winner marked
+    assert "#  x" in proc.stdout and "value" in proc.stdout
+    (marked,) = [line for line in proc.stdout.splitlines() if line.endswith("<- best")]
+    assert marked.startswith(f"{best.number} ")
+    assert "3 complete, 0 pruned, 0 failed" in proc.stdout
+
+    # a larger n_trials continues the same study under the same parent run
+    proc = toy.run("hydra.sweeper.n_trials=4")
+    ok(proc)
+    assert "3/4 finished - resuming" in proc.stdout
+    study = toy.study()
+    assert [(t.number, t.state) for t in study.get_trials()] == [(n, COMPLETE) for n in range(4)]
+    assert optuna.get_all_study_names(toy.storage) == ["toy"]
+    (again,), children = toy.runs()
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert sorted(by_number(children)) == [0, 1, 2, 3]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert_one_best(toy, children, study.best_value)
+    assert toy.results()["trials"]["complete"] == 4
+
+
+# ---- samplers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    # tpe, the default, runs in the first test; random in the pruning test
+    [("cmaes", "CmaEsSampler"), ("gp", "GPSampler"), ("qmc", "QMCSampler")],
+)
+def test_every_sampler_by_name_runs_a_sweep_to_the_end(sphere, name, cls):
+    toy = sphere
+    proc = toy.run(f"hydra.sweeper.sampler={name}", "hydra.sweeper.n_trials=3")
+    ok(proc)
+    assert [t.state for t in toy.study().get_trials()] == [COMPLETE] * 3
+    (parent,), children = toy.runs()
+    assert parent.data.params["sweeper.sampler"] == cls
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 3
+
+
+@pytest.mark.parametrize("n_trials", [2, 5])
+def test_the_grid_sampler_stops_when_every_point_was_tried(sphere, n_trials):
+    toy = sphere
+    # a grid of two points: x from the command line, y fixed (out of hydra.sweeper.params)
+    proc = toy.run(
+        "hydra.sweeper.sampler=grid", "x=choice(1,2)", "y=0", f"hydra.sweeper.n_trials={n_trials}"
+    )
+    ok(proc)
+    trials = toy.study().get_trials()
+    assert sorted(t.params["x"] for t in trials) == [1, 2]
+    assert [t.state for t in trials] == [COMPLETE] * 2  # nothing left RUNNING, no extra trial
+    assert ("The grid is used up" in proc.stdout) == (n_trials > 2)
+    (parent,), children = toy.runs()
+    assert parent.info.status == "FINISHED"
+    assert all(set(r.data.params) == {"x"} for r in children)  # y=0 is no parameter
+    assert_one_best(toy, children, 1.0)  # x=1, y=0
+    assert toy.results()["best_params"] == {"x": 1}
+
+
+# ---- pruning, failures, results that are not numbers -----------------------------------------
+
+
+def test_trials_with_worse_curves_are_pruned_through_job_report(curve):
+    epochs = 4
+    proc = curve.run(
+        f"epochs={epochs}", "hydra.sweeper.sampler=random", "hydra.sweeper.n_trials=6", EAGER_MEDIAN
+    )
+    ok(proc)
+    trials = curve.study().get_trials()
+    pruned = [t for t in trials if t.state == PRUNED]
+    complete = [t for t in trials if t.state == COMPLETE]
+    assert pruned and complete and len(trials) == 6
+    for t in complete:
+        assert sorted(t.intermediate_values) == list(range(epochs))
+    for t in pruned:  # stopped before the last epoch, on a worse curve than the median
+        assert max(t.intermediate_values) < epochs - 1
+        assert t.params["x"] ** 2 + t.params["y"] ** 2 > min(c.value for c in complete)
+
+    (parent,), children = curve.runs()
+    runs = by_number(children)
+    for t in pruned:
+        run = runs[t.number]
+        assert run.info.status == "KILLED"
+        assert run.data.tags["optuna.state"] == "PRUNED"
+        assert int(run.data.tags["pruned_at_epoch"]) == max(t.intermediate_values)
+        assert "best_run" not in run.data.tags
+    assert_one_best(curve, children, min(t.value for t in complete))
+    assert parent.data.tags["trials.pruned"] == str(len(pruned))
+    assert parent.data.params["sweeper.sampler"] == "RandomSampler"
+
+
+def failed_runs(toy: ToyApp) -> dict:
+    _, children = toy.runs()
+    return {n: r for n, r in by_number(children).items() if r.data.tags["optuna.state"] == "FAIL"}
+
+
+def test_failing_trials_are_recorded_and_a_full_budget_finishes_the_sweep(curve):
+    proc = curve.run(
+        "fail_if_x_above=0", "hydra.sweeper.max_failure_rate=1.0", "hydra.sweeper.n_trials=3"
+    )
+    ok(proc)
+    trials = curve.study().get_trials()
+    failed = [t for t in trials if t.state == FAIL]
+    assert failed, "seed 0 asks for x > 0 first"
+    assert all(t.params["x"] > 0 for t in failed)
+    assert all(t.params["x"] <= 0 for t in trials if t.state == COMPLETE)
+    assert [t.state for t in trials].count(COMPLETE) == 3
+    runs = failed_runs(curve)
+    assert sorted(runs) == [t.number for t in failed]
+    for run in runs.values():
+        assert run.info.status == "FAILED"
+        assert run.data.tags["failure_reason"].startswith("ValueError: x=")
+    (parent,), children = curve.runs()
+    assert parent.info.status == "FINISHED"
+    assert_one_best(curve, children, curve.study().best_value)
+
+
+def test_a_non_number_fails_its_trial_the_budget_stops_and_the_fixed_rerun_finishes(curve):
+    # every trial returns text; max_failure_rate=0 stops at the first failure
+    proc = curve.run(
+        "return_text=true", "hydra.sweeper.max_failure_rate=0", "hydra.sweeper.n_trials=2"
+    )
+    ok(proc, code=1)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "max_failure_rate" in errors[0]
+    (trial,) = curve.study().get_trials()  # stopped at once, nothing left RUNNING
+    assert trial.state == FAIL and "not a number" in trial.user_attrs["fail_reason"]
+    (parent,), _ = curve.runs()
+    assert parent.info.status == "FAILED"
+    (run,) = failed_runs(curve).values()
+    assert run.info.status == "FAILED" and "not a number" in run.data.tags["failure_reason"]
+    assert "value" not in run.data.metrics
+
+    # the cause fixed: the earlier failure does not count against this command's budget
+    proc = curve.run("hydra.sweeper.max_failure_rate=0", "hydra.sweeper.n_trials=2")
+    ok(proc)
+    study = curve.study()
+    assert [t.state for t in study.get_trials()] == [FAIL, COMPLETE, COMPLETE]
+    (again,), children = curve.runs()
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert_one_best(curve, children, study.best_value)
+
+
+# ---- input the sweeper refuses before it creates anything -------------------------------------
+
+# (override, what its one error line says)
+REFUSED = [
+    ("hydra.sweeper.study_name=a/b", "is not a usable name"),
+    ("hydra.sweeper.study_name=..", "is not a usable name"),
+    (f"hydra.sweeper.study_name={'s' * 300}", "is not a usable name"),
+    ("hydra.sweeper.study_name='a\nb'", "study_name='a\\nb' is not a usable name"),
+    ("+hostile=nul_study_name", "study_name='a\\x00b' is not a usable name"),  # from YAML
+    ("x=interval(0.5, 0.1)", "`low <= high` must hold"),
+    ("x=tag(log, interval(0, 1))", "`low > 0` must hold"),
+    ("x=range(5, 1)", "the range is empty"),
+    ("hydra.sweeper.n_jobs=0", "hydra.sweeper.n_jobs=0 must be from 1"),
+    ("hydra.sweeper.n_jobs=-1", "hydra.sweeper.n_jobs=-1 must be from 1"),
+    ("hydra.sweeper.n_jobs=10000", "hydra.sweeper.n_jobs=10000 must be from 1"),
+    ("hydra.sweeper.n_trials=1000000000000", "must be a whole number from 1 to"),
+    ("hydra.sweeper.trial_timeout=-1", "must be a number of seconds > 0"),
+    ("hydra.sweeper.tracking_uri=foo://bar", "unknown scheme 'foo'"),
+    # once accepted: a crash after the stores existed, a silent truncation to int(interval(1, 1)),
+    # a crash, a job handed the string '[1,2]'
+    ("x=interval(nan, 1)", "nan is not a finite number"),
+    ("x=int(interval(1.5, 1.7))", "holds no whole number"),
+    ("x=range(0.0, 1.0, 0.0)", "the step must be > 0"),
+    ("x=choice([1,2],[3])", "is a list or mapping"),
+    # (on the command line, Hydra itself refuses choice() before any sweeper runs)
+    ("hydra.sweeper.params.x='choice()'", "empty choice is not legal"),
+]
+
+
+@pytest.mark.parametrize("override, message", REFUSED, ids=[repr(o[:40])[1:-1] for o, _ in REFUSED])
+def test_bad_input_is_one_error_line_and_creates_nothing(tmp_path, override, message):
+    proc = ToyApp(tmp_path).run(override)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    errors = error_lines(proc)
+    assert len(errors) == 1, proc.stderr
+    assert message in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["storage", "tracking_uri"])
+def test_a_database_that_does_not_exist_is_one_error_line(tmp_path, postgres, setting):
+    # the password must not show; MLflow alone retried a missing tracking database for ~2 min
+    user, server = postgres.split("://", 1)[1].split("@", 1)
+    url = f"postgresql://{user}:pass-{setting}@{server}/no_such_db"
+    proc = ToyApp(tmp_path).run(f"hydra.sweeper.{setting}={url}")
+    ok(proc, code=2)
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert f"postgresql://{user}:***@{server}/no_such_db" in error
+    assert 'database "no_such_db" does not exist' in error and "createdb" in error
+    assert f"pass-{setting}" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no study, no store, no folder
+
+
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        # range's stop is exclusive and its last value exact: 0.9, not 0.8999999999999999
+        ("range(0, 1, 0.3)", FloatDistribution(0.0, 0.9, step=0.3)),
+        ("range(1, 10, 3)", IntDistribution(1, 7, step=3)),
+        ("shuffle(range(0.0, 1.0, 0.3))", CategoricalDistribution([0.0, 0.3, 0.6, 0.9])),
+        ("int(interval(2, 5))", IntDistribution(2, 5)),
+    ],
+)
+def test_ranges_end_on_their_last_value(expr, expected):
+    assert parse({}, [f"x={expr}"])[0] == {"x": expected}
+
+
+@pytest.mark.parametrize(
+    "expr, message",
+    [
+        ("interval(0, inf)", "inf is not a finite number"),
+        ("range(nan, 1, 0.1)", "nan is not a finite number"),
+        ("choice(nan, 1)", "nan is not a finite number"),
+        ("int(interval(1.5, 3.5))", r"write int\(interval\(2, 3\)\)"),
+        ("int(interval(1.5, 1.7))", "holds no whole number"),
+        ("range(5, 1, -1)", "step must be > 0"),
+        ("shuffle(range(0, 1000000000))", "use the range without shuffle"),
+        ("choice()", "empty choice is not legal"),
+    ],
+)
+def test_search_spaces_that_cannot_work_are_refused(expr, message):
+    for params, arguments in (({"x": expr}, []), ({}, [f"x={expr}"])):
+        with pytest.raises(SweepConfigError, match=message):
+            parse(params, arguments)
