@@ -1,0 +1,223 @@
+"""Everything that can be wrong with a sweep's settings, found before anything is created."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
+
+from hydra_plugins.mlflow_study_sweeper import _space, _tracking
+from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError, mask_url
+from hydra_plugins.mlflow_study_sweeper._launch import IN_PROCESS_LAUNCHERS
+from hydra_plugins.mlflow_study_sweeper._objectives import MULTI_OBJECTIVE_REFUSED, Objectives
+from hydra_plugins.mlflow_study_sweeper._samplers import make_pruner, make_sampler
+from hydra_plugins.mlflow_study_sweeper._study import make_storage
+from hydra_plugins.mlflow_study_sweeper._warm import check_enqueue
+
+MAX_TRIALS = 1_000_000
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
+
+
+@dataclass
+class Plan:
+    space: dict[str, Any]
+    fixed: list[str]
+    base: DictConfig
+    sampler: optuna.samplers.BaseSampler
+    pruner: optuna.pruners.BasePruner
+    storage_url: str | None
+    tracking_uri: str
+    experiment_name: str
+    objectives: Objectives
+    timeout_s: float | None = None
+    enqueue: list | None = None
+
+
+class Checks:
+    def __init__(self, settings, hydra_context, config: DictConfig, launcher, start_dir) -> None:
+        self.s = settings
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = launcher
+        self.start_dir = start_dir
+
+    def compose(self, overrides: list[str]) -> DictConfig:
+        try:
+            return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        except HydraException as err:
+            raise SweepConfigError(str(err).splitlines()[0]) from None
+
+    def plan(self, arguments: list[str]) -> Plan:
+        s = self.s
+        name = str(s.study_name)
+        if not STUDY_NAME.fullmatch(name) or ".." in name:
+            raise SweepConfigError(
+                f"hydra.sweeper.study_name={name!r} is not a usable name: use 1-128 letters, "
+                f"digits, '.', '_' or '-' (no '/', '..', spaces or control characters)"
+            )
+        if not isinstance(s.n_trials, int) or not 1 <= s.n_trials <= MAX_TRIALS:
+            raise SweepConfigError(
+                f"hydra.sweeper.n_trials={s.n_trials} must be a whole number from 1 to {MAX_TRIALS}"
+            )
+        cores = os.cpu_count() or 1
+        if not isinstance(s.n_jobs, int) or not 1 <= s.n_jobs <= 4 * cores:
+            raise SweepConfigError(
+                f"hydra.sweeper.n_jobs={s.n_jobs} must be from 1 to {4 * cores} (this machine has "
+                f"{cores} cores; each worker trains one trial)"
+            )
+        if not 0.0 <= float(s.max_failure_rate) <= 1.0:
+            raise SweepConfigError(
+                f"hydra.sweeper.max_failure_rate={s.max_failure_rate} must be in [0, 1]"
+            )
+        if s.trial_timeout is not None and not (
+            isinstance(s.trial_timeout, (int, float)) and 0 < s.trial_timeout < math.inf
+        ):
+            raise SweepConfigError(
+                f"hydra.sweeper.trial_timeout={s.trial_timeout} must be a number of seconds > 0, "
+                f"or null for no limit"
+            )
+        objectives = Objectives.from_settings(s.direction, s.metric, s.champion)
+        space, fixed = _space.parse(s.params, arguments)
+        if not space:
+            raise SweepConfigError(
+                "the search space is empty: set hydra.sweeper.params, e.g. "
+                "hydra.sweeper.params.x='interval(0, 1)', or sweep a key: x='interval(0, 1)'"
+            )
+        base = self.compose(fixed)
+        for key in space:
+            if OmegaConf.select(base, key, default="__missing__") == "__missing__":
+                raise SweepConfigError(
+                    f"hydra.sweeper.params.{key}: the config has no key {key!r} to search over"
+                )
+        self.check_corners(space, fixed, base)
+        sampler = make_sampler(s.sampler, s.seed, space)
+        pruner = make_pruner(s.pruner)
+        if objectives.multi:
+            instead = {
+                sampler: "sampler tpe, nsga2 or random",
+                pruner: "pruner median, percentile, successive_halving or threshold",
+            }
+            for part, other in instead.items():
+                if type(part).__name__ in MULTI_OBJECTIVE_REFUSED:
+                    raise SweepConfigError(
+                        f"{type(part).__name__} cannot work with several objectives "
+                        f"(hydra.sweeper.direction={list(objectives.directions)}): use {other}"
+                    )
+        storage = _tracking.absolute_uri(str(s.storage), self.start_dir) if s.storage else None
+        launcher = type(self.launcher).__name__
+        if storage is None and launcher not in IN_PROCESS_LAUNCHERS:
+            raise SweepConfigError(
+                f"hydra.sweeper.storage=null keeps the study in memory, which jobs started by "
+                f"{launcher} in other processes cannot reach: use sqlite:///optuna.db or "
+                f"postgresql://..."
+            )
+        if storage is None and s.n_jobs > 1:
+            raise SweepConfigError(
+                "hydra.sweeper.n_jobs > 1 runs workers in separate processes, which need a shared "
+                "storage: set hydra.sweeper.storage=sqlite:///optuna.db or postgresql://..."
+            )
+        if storage is not None:
+            make_storage_check(storage)
+        uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "file"
+        if scheme not in TRACKING_SCHEMES:
+            raise SweepConfigError(
+                f"the MLflow tracking URI {mask_url(uri)!r} has an unknown scheme {scheme!r}: use "
+                f"sqlite:///mlflow.db, http://host:5000 or postgresql://..."
+            )
+        timeout_s = parse_duration(s.timeout)
+        enqueue = check_enqueue(s.enqueue, space)
+        _tracking.check_server(uri)  # before the study exists
+        experiment = s.experiment_name or self.config.hydra.job.name
+        return Plan(
+            space, fixed, base, sampler, pruner, storage,
+            _tracking.absolute_uri(uri, self.start_dir), str(experiment), objectives, timeout_s,
+            enqueue,
+        )  # fmt: skip
+
+    def check_corners(self, space: dict, fixed: list[str], base: DictConfig) -> None:
+        """Every corner of the space composes, and passes the app's own check if it has one.
+
+        A failure that every corner of a key shares (missing data, say) is reported as it is;
+        one that only some corners meet names the corner.
+        """
+        check = instantiate(self.s.check, _partial_=True) if self.s.check else None
+
+        def fails(cfg: DictConfig) -> str | None:
+            try:
+                check(cfg)
+            except (ValueError, LookupError, OSError) as err:
+                return str(err)
+            return None
+
+        for key, dist in space.items():
+            values = (
+                dist.choices
+                if isinstance(dist, optuna.distributions.CategoricalDistribution)
+                else (dist.low, dist.high)
+            )
+            corners = [(value, self.corner(base, fixed, key, value)) for value in values]
+            for value, cfg in corners if check is not None else []:
+                error = fails(cfg)
+                if error is None:
+                    continue
+                others = [fails(c) for v, c in corners if v != value] or [fails(base)]
+                if all(other == error for other in others):
+                    raise SweepConfigError(error)
+                raise SweepConfigError(
+                    f"hydra.sweeper.params.{key} = {_space.describe(dist)} reaches "
+                    f"{key}={value}, which cannot run: {error}"
+                )
+        if check is not None and (error := fails(base)) is not None:
+            raise SweepConfigError(error)
+
+    def corner(self, base: DictConfig, fixed: list[str], key: str, value: Any) -> DictConfig:
+        """The config with `key` at `value`: the base with one value set (a type the schema
+        refuses is an error, as in Hydra's composition), or composed by Hydra for a group."""
+        if key in base.hydra.runtime.choices:
+            return self.compose(fixed + [_space.as_override(key, value)])
+        cfg = copy.deepcopy(base)
+        try:
+            with read_write(cfg), open_dict(cfg):
+                OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException as err:
+            raise SweepConfigError(
+                f"hydra.sweeper.params.{key} reaches {key}={value!r}, which the config "
+                f"refuses: {str(err).splitlines()[0]}"
+            ) from None
+        return cfg
+
+
+def parse_duration(value: Any) -> float | None:
+    """hydra.sweeper.timeout: 90, 90s, 45m, 2h, 1d -> seconds; null -> None."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
+    seconds = (
+        float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        if match
+        else 0
+    )
+    if not 0 < seconds < math.inf:
+        raise SweepConfigError(
+            f"hydra.sweeper.timeout={value!r} is not a duration: use seconds or a number with "
+            f"s, m, h or d, e.g. 45m or 2h"
+        )
+    return seconds
+
+
+def make_storage_check(url: str) -> None:
+    """An unknown storage scheme is an error before anything is created."""
+    if url.startswith(("sqlite", "postgresql", "mysql")) or url.endswith((".log", ".journal")):
+        return
+    make_storage(url)  # raises with the list of what works

@@ -1,0 +1,231 @@
+"""The one place that touches Optuna's private names; tests/test_optuna_internals.py pins them.
+
+Optuna's public API has no study system attributes, no trial id, no atomic "insert if absent"
+and no heartbeat ages, which a sweep shared by many processes needs. Every use of its private
+attributes and modules is a function here, so an Optuna upgrade breaks this file and its test
+file, nothing else. The storage methods called below are BaseStorage's public interface; what
+is private is how a Study or a Trial holds the storage and its ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+_MEMORY_LOCK = threading.Lock()
+
+
+# ---- a study's storage and ids -------------------------------------------------------------------
+def storage(study: optuna.Study) -> BaseStorage:
+    return study._storage
+
+
+def backend(study: optuna.Study) -> BaseStorage:
+    """The storage under Optuna's cache (which wraps an RDBStorage)."""
+    held = study._storage
+    return getattr(held, "_backend", held)
+
+
+def study_id(study: optuna.Study) -> int:
+    return study._study_id
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    return trial._trial_id
+
+
+def live_trial(study: optuna.Study, trial_id: int) -> optuna.Trial:
+    """A Trial object for a running trial, as Optuna's own optimize loop makes one."""
+    return optuna.trial.Trial(study, trial_id)
+
+
+# ---- attributes and states, through the storage --------------------------------------------------
+def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
+def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
+    study._storage.set_study_system_attr(study._study_id, key, value)
+
+
+def frozen(study: optuna.Study, trial_id: int) -> FrozenTrial:
+    """The trial as the storage has it now (attributes a job set in another process included)."""
+    return study._storage.get_trial(trial_id)
+
+
+def set_trial_system_attr(study: optuna.Study, trial_id: int, key: str, value: Any) -> None:
+    study._storage.set_trial_system_attr(trial_id, key, value)
+
+
+def set_trial_user_attr(study: optuna.Study, trial_id: int, key: str, value: Any) -> None:
+    study._storage.set_trial_user_attr(trial_id, key, value)
+
+
+def set_trial_state(study: optuna.Study, trial_id: int, state: TrialState) -> bool:
+    """False if the trial had already finished (another process was first)."""
+    return study._storage.set_trial_state_values(trial_id, state)
+
+
+def set_intermediate_value(study: optuna.Study, trial_id: int, step: int, value: float) -> None:
+    study._storage.set_trial_intermediate_value(trial_id, step, value)
+
+
+# ---- exactly one writer among many processes ---------------------------------------------------
+def insert_once(study: optuna.Study, key: str, value: Any) -> bool:
+    """Set the study system attribute `key` if no process has: True for exactly one of them.
+
+    An INSERT under the table's unique key on RDB storages; a lock elsewhere.
+    """
+    rdb = backend(study)
+    if isinstance(rdb, RDBStorage):
+        import sqlalchemy
+        from optuna.storages._rdb import models
+
+        table = models.StudySystemAttributeModel.__table__
+        try:
+            with rdb.engine.begin() as connection:
+                connection.execute(
+                    sqlalchemy.insert(table).values(
+                        study_id=study._study_id, key=key, value_json=json.dumps(value)
+                    )
+                )
+        except sqlalchemy.exc.IntegrityError:
+            return False
+        return True
+    with study_lock(study):
+        if key in study_system_attrs(study):
+            return False
+        set_study_system_attr(study, key, value)
+        return True
+
+
+def replace_if(study: optuna.Study, key: str, old: Any, new: Any) -> bool:
+    """Compare and swap a study system attribute: True if it still held `old` and now `new`."""
+    rdb = backend(study)
+    if isinstance(rdb, RDBStorage):
+        import sqlalchemy
+        from optuna.storages._rdb import models
+
+        table = models.StudySystemAttributeModel.__table__
+        with rdb.engine.begin() as connection:
+            result = connection.execute(
+                sqlalchemy.update(table)
+                .where(table.c.study_id == study._study_id)
+                .where(table.c.key == key)
+                .where(table.c.value_json == json.dumps(old))
+                .values(value_json=json.dumps(new))
+            )
+        return result.rowcount == 1
+    with study_lock(study):
+        if study_system_attrs(study).get(key) != old:
+            return False
+        set_study_system_attr(study, key, new)
+        return True
+
+
+@contextlib.contextmanager
+def study_lock(study: optuna.Study) -> Iterator[None]:
+    """Mutual exclusion among a study's processes where the storage has no transactions."""
+    journal = backend(study)
+    if isinstance(journal, JournalStorage):
+        path = Path(journal._backend._file_path).with_suffix(".end-lock")
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:  # in memory: one process
+        with _MEMORY_LOCK:
+            yield
+
+
+# ---- heartbeats --------------------------------------------------------------------------------
+def heartbeat_interval(study: optuna.Study) -> int | None:
+    """Seconds between a trial's heartbeats, or None where the storage keeps none."""
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    if not is_heartbeat_enabled(study._storage):
+        return None
+    return study._storage.get_heartbeat_interval()
+
+
+def record_heartbeat(study: optuna.Study, trial_id: int) -> None:
+    study._storage.record_heartbeat(trial_id)
+
+
+def heartbeat_ages(study: optuna.Study) -> dict[int, float | None]:
+    """Seconds since each RUNNING trial's last heartbeat (None: it never sent one).
+
+    Optuna's `_get_stale_trial_ids` skips trials without a heartbeat; a worker that dies before
+    its first beat must be found too. Ages come from the database's own clock.
+    """
+    rdb = backend(study)
+    if not isinstance(rdb, RDBStorage):
+        return {}
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
+    query = (
+        sqlalchemy.select(trials.c.trial_id, beats.c.heartbeat, sqlalchemy.func.now())
+        .select_from(trials.outerjoin(beats, beats.c.trial_id == trials.c.trial_id))
+        .where(trials.c.study_id == study._study_id)
+        .where(trials.c.state == TrialState.RUNNING)
+    )
+    with rdb.engine.connect() as connection:
+        rows = connection.execute(query).all()
+    ages: dict[int, float | None] = {}
+    for trial, beat, now in rows:
+        if beat is None:
+            ages[trial] = None
+            continue
+        # PostgreSQL answers with time zones, SQLite without (Optuna's own fix, optuna#2190)
+        now, beat = (t.replace(tzinfo=None) for t in (_as_datetime(now), _as_datetime(beat)))
+        ages[trial] = (now - beat).total_seconds()
+    return ages
+
+
+def _as_datetime(value: Any) -> datetime.datetime:
+    if isinstance(value, str):  # SQLite's CURRENT_TIMESTAMP comes back as text
+        return datetime.datetime.fromisoformat(value)
+    return value
+
+
+# ---- distributions and samplers ----------------------------------------------------------------
+def contains(dist: BaseDistribution, value: Any) -> bool:
+    """Whether `value` is one of `dist`'s values (Optuna checks this only inside add_trial)."""
+    try:
+        return dist._contains(dist.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
+
+
+def unvisited_grid_points(sampler: optuna.samplers.GridSampler, study: optuna.Study) -> int:
+    return len(sampler._get_unvisited_grid_ids(study))
+
+
+def grid_size(sampler: optuna.samplers.GridSampler) -> int:
+    return sampler._n_min_trials
+
+
+# ---- closing -----------------------------------------------------------------------------------
+def close(study: optuna.Study | None) -> None:
+    """Release the study's database connections (a PostgreSQL one left open warns when freed)."""
+    if study is None:
+        return
+    rdb = backend(study)
+    if isinstance(rdb, RDBStorage):
+        rdb.remove_session()
+        rdb.engine.dispose()

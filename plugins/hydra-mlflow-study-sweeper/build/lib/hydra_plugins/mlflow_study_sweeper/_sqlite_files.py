@@ -1,0 +1,67 @@
+"""New SQLite stores (Optuna's and MLflow's) appear whole, and in a fraction of a second.
+
+Both libraries create a new database's tables in many steps (MLflow: dozens of migrations,
+seconds): a process killed among them leaves a file that every later start fails on. A new
+store is therefore made under a temporary name and linked into place when whole. The first
+empty store a library version makes on a machine is kept under ~/.cache/mlflow-study-sweeper,
+and later new stores start as its copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlflow-study-sweeper"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a sqlite:/// URL (None for another URL, or an in-memory database)."""
+    if not url.startswith("sqlite:///") or ":memory:" in url:
+        return None
+    return Path(url[len("sqlite:///") :].split("?", 1)[0])
+
+
+def create_whole(
+    path: Path, name: str, build: Callable[[Path], None], ready: Callable[[Path], None]
+):
+    """Make the store at `path` if it is missing: from the cached empty store `name` (made by
+    `build(file)` the first time), finished by `ready(file)` (the library opens it), then
+    linked into place. Another process that was first wins; its store is used."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for left in path.parent.glob(f".{path.name}.creating-*"):  # a killed attempt's leftovers
+        pid = left.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            left.unlink(missing_ok=True)
+    building = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        template = cached_empty(name, build)
+        if template is not None:
+            shutil.copyfile(template, building)
+        ready(building)
+        with contextlib.suppress(FileExistsError):  # another worker was first: use its store
+            os.link(building, path)
+    finally:
+        building.unlink(missing_ok=True)
+
+
+def cached_empty(name: str, build: Callable[[Path], None]) -> Path | None:
+    """An empty store, built once per machine and library version (None if it cannot be)."""
+    template = CACHE / name
+    if template.exists():
+        return template
+    try:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            built = Path(tmp) / "store.db"
+            build(built)
+            os.replace(built, template)
+    except Exception:  # a read-only home, say: each store is then built from nothing
+        return None
+    return template

@@ -1,0 +1,171 @@
+"""The study: its storage, created or continued, and a trial failed with a reason."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from hydra_plugins.mlflow_study_sweeper import _keys, _optuna_internals
+from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError, SweepError, mask_url
+from hydra_plugins.mlflow_study_sweeper._objectives import Objectives
+from hydra_plugins.mlflow_study_sweeper._space import describe
+from hydra_plugins.mlflow_study_sweeper._sqlite_files import create_whole, sqlite_path
+
+
+@contextlib.contextmanager
+def optuna_quietly() -> Iterator[None]:
+    """Without Optuna's warnings about what the sweeper does on purpose."""
+    with warnings.catch_warnings():
+        # heartbeats are Optuna's way to find trials of dead workers; with ask/tell we beat
+        warnings.filterwarnings("ignore", ".*heartbeat.*", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with")
+        # a study's metric names are experimental in Optuna 5; they are what we keep them for
+        warnings.filterwarnings("ignore", ".*metric_names.*", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def make_storage(
+    url: str | None, heartbeat_interval: int = 10, grace: int = 60
+) -> optuna.storages.BaseStorage | None:
+    if url is None:
+        return None
+    if url.startswith(("sqlite", "postgresql", "mysql")):
+        path = sqlite_path(url)
+        if path is not None:
+            create_whole(path, f"optuna-{optuna.__version__}-empty.db", _empty, _empty)
+        with optuna_quietly():
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace,
+                # SQLite: wait for a busy database instead of failing at once ("database is
+                # locked")
+                engine_kwargs={"connect_args": {"timeout": 60}} if path is not None else None,
+            )
+    if url.endswith((".log", ".journal")):
+        path = url.removeprefix("journal:///").removeprefix("file://")
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+    raise SweepConfigError(
+        f"hydra.sweeper.storage={url!r} is not a storage URL: use sqlite:///optuna.db, "
+        f"postgresql://user@host/db, a path ending in .journal, or null for memory"
+    )
+
+
+def _empty(file: Path) -> None:
+    """Optuna's tables, made in a new database file."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{file}")
+    storage.engine.dispose()
+
+
+def open_study(
+    name: str,
+    storage: optuna.storages.BaseStorage | None,
+    objectives: Objectives,
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+    creator: dict[str, str],
+) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when it exists; return it and whether this call created it.
+
+    `creator` labels the process that creates it (see _liveness.worker_label).
+    """
+    wanted = list(objectives.directions)
+    try:
+        study = optuna.create_study(
+            study_name=name, storage=storage, directions=wanted, sampler=sampler, pruner=pruner
+        )
+        # who is making the parent run: a worker that joins now waits for it, unless it died
+        _optuna_internals.set_study_system_attr(study, _keys.CREATOR, creator)
+        with optuna_quietly():
+            study.set_metric_names(list(objectives.names))
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    existing = [d.name.lower() for d in study.directions]
+    with optuna_quietly():
+        names = study.metric_names
+    if existing != wanted or (names is not None and names != list(objectives.names)):
+        was = f"{names} " if names else ""
+        raise SweepConfigError(
+            f"study {name!r} was created to {' and '.join(existing)} {was}(not "
+            f"{' and '.join(wanted)} {list(objectives.names)}): set hydra.sweeper.direction and "
+            f"hydra.sweeper.metric as they were, or choose a new hydra.sweeper.study_name"
+        )
+    return study, False
+
+
+def check_space_unchanged(study: optuna.Study, space: dict[str, Any]) -> None:
+    """A resumed study refuses a parameter whose kind changed (log <-> linear, float <-> int)."""
+    seen: dict[str, Any] = {}
+    for trial in study.get_trials(deepcopy=False):
+        for key, dist in trial.distributions.items():
+            seen.setdefault(key, dist)
+    for key, dist in space.items():
+        before = seen.get(key)
+        if before is None:
+            continue
+        try:
+            optuna.distributions.check_distribution_compatibility(before, dist)
+        except ValueError:
+            raise SweepConfigError(
+                f"hydra.sweeper.params.{key} changed from {describe(before)} to {describe(dist)} "
+                f"since study {study.study_name!r} started, and Optuna cannot mix the two in one "
+                f"study: keep the old kind, or start a new study with hydra.sweeper.study_name=..."
+            ) from None
+
+
+def open_or_explain(
+    url: str | None,
+    name: str,
+    objectives: Objectives,
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+    creator: dict[str, str],
+    heartbeat: tuple[int, int],
+    attempts: int = 5,
+) -> tuple[optuna.Study, bool]:
+    """open_study on the storage at `url`; a storage that cannot open is one SweepConfigError."""
+    for attempt in range(attempts):
+        try:
+            storage = make_storage(url, *heartbeat)
+            return open_study(name, storage, objectives, sampler, pruner, creator)
+        except SweepError:
+            raise
+        except Exception as err:  # a database that does not exist, a server that refuses
+            if not type(err).__module__.startswith(("sqlalchemy", "psycopg", "optuna", "sqlite3")):
+                raise
+            if creating_at_once(err) and attempt + 1 < attempts:
+                time.sleep(0.5 * (attempt + 1))  # the other worker's tables are there by then
+                continue
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SweepConfigError(
+                f"cannot open the Optuna storage {mask_url(url)}: {mask_url(first)[:300]}. Check "
+                f"the URL, that the database exists (createdb ...) and that its server runs"
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def creating_at_once(err: Exception) -> bool:
+    """Workers that start together on a new PostgreSQL database all create Optuna's tables;
+    all but one fail on a unique index (the catalogue's, or the version row's), or find a
+    table that "already exists". Opened again, the storage finds them made."""
+    text = str(err)
+    return "duplicate key value" in text or "already exists" in text
+
+
+def fail_trial(study: optuna.Study, trial_id: int, kind: str, reason: str) -> bool:
+    """Mark a trial FAIL with a reason; False if it had already ended (another worker was first)."""
+    try:
+        _optuna_internals.set_trial_system_attr(study, trial_id, _keys.FAILURE, kind)
+        first_line = reason.splitlines()[0][:500] if reason else kind
+        _optuna_internals.set_trial_user_attr(study, trial_id, _keys.FAIL_REASON, first_line)
+        return _optuna_internals.set_trial_state(study, trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False

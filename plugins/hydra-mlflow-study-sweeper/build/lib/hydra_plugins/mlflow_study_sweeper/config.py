@@ -1,0 +1,115 @@
+"""The sweeper's settings under hydra.sweeper, stored with Hydra's ConfigStore.
+
+Imported by Hydra's plugin scan: keep it to the standard library and Hydra.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class RegistryConf:
+    # the MLflow model the best run holds (logged by the job or the publish hook); null: the
+    # sweep registers nothing
+    model: Any = None
+    # registered model name; null: nothing is registered
+    name: Any = None
+    # the alias that moves to a new version only when `metric` improves on the current holder's
+    alias: str = "champion"
+    # a metric of the best run that ranks versions (null: the sweep's own metric)
+    metric: Any = None
+    # maximize or minimize `metric`; null: the study's direction
+    direction: Any = None
+
+
+@dataclass
+class ChampionConf:
+    # multi-objective sweeps only: which run of the Pareto front is "best" (tagged best_run,
+    # published, registered). `by`: an objective's name (its best value on the front; null: the
+    # first objective), or knee (the member closest to the ideal point, objectives scaled to
+    # [0, 1] over the front)
+    by: Any = None
+    # constraints the champion must meet, e.g. ["n_params <= 200000"] (<=, <, >=, >); when no
+    # run of the front meets them, the sweep says so and publishes nothing
+    where: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class MlflowStudySweeperConf:
+    _target_: str = "hydra_plugins.mlflow_study_sweeper.mlflow_study_sweeper.MlflowStudySweeper"
+    # the sweeper builds sampler, pruner and hooks itself, when the sweep starts
+    _recursive_: bool = False
+    # tpe, random, cmaes, gp, grid, qmc, nsga2, nsga3; or a mapping {name: tpe, n_startup_trials:
+    # 5}, or one with _target_ naming any Optuna sampler class
+    sampler: Any = "tpe"
+    # median, percentile, successive_halving, hyperband, threshold, none (or null); or a mapping
+    # as for the sampler
+    pruner: Any = "median"
+    # seeds the sampler (the process that creates the study keeps it; others reseed)
+    seed: Any = None
+    # maximize or minimize the value the task function returns; a list ([maximize, minimize])
+    # for several objectives, each named in `metric`
+    direction: Any = "maximize"
+    # the name of that value: progress lines, the child run's metric, best_<metric> on the parent.
+    # Several objectives: a list of names ([val_acc, n_params]); the task function then returns
+    # a dict with those keys, and per-epoch reports are values of the first
+    metric: Any = "value"
+    # several objectives: which run of the Pareto front is the champion (see ChampionConf)
+    champion: ChampionConf = field(default_factory=ChampionConf)
+    # the study ends with this many finished (complete or pruned) trials, across all workers
+    n_trials: int = 20
+    # trials trained at once on this machine, each in its own worker process
+    n_jobs: int = 1
+    # sqlite:///file.db, postgresql://..., a .journal file path, or null (memory, one process);
+    # SWEEP_STORAGE_URL in the environment keeps a password off the command line
+    storage: Any = "${oc.env:SWEEP_STORAGE_URL,sqlite:///optuna.db}"
+    # the same name and storage continue the same study
+    study_name: str = "sweep"
+    # the sweep stops once the trials that failed since this command started exceed this share
+    # of max(n_trials, trials run); 0 stops at the first failure, 1 only after 2 x n_trials + 10
+    max_failure_rate: float = 0.25
+    # seconds a trial may run before it is failed with reason `timeout`; null: no limit
+    trial_timeout: Any = None
+    # a wall-clock budget for this command, e.g. 45m, 2h, 90s: no trial starts that cannot end
+    # in time, running trials stop at their next report, and time is kept for the end
+    timeout: Any = None
+    # a finished trial's checkpoints (a job's resume/ artifacts, see job.checkpoint_saved):
+    # false removes them, true keeps the last one; an interrupted trial keeps its own until the
+    # trial that continues it finishes
+    keep_checkpoints: bool = False
+    # parameter sets tried first, e.g. [{model.dropout: 0.1, model.lr: 0.001}]
+    enqueue: list[Any] = field(default_factory=list)
+    # another study in the same storage, or runs:/<parent run id> of an earlier sweep in this
+    # MLflow store: its complete trials that fit this search space are given to the sampler as
+    # prior knowledge (imported once; not trained, not counted)
+    warm_start_from: Any = None
+    # search space: dotted config key -> Hydra override grammar, e.g. interval(0.0, 0.5)
+    params: dict[str, Any] = field(default_factory=dict)
+    # MLflow: where runs go (null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db) and the
+    # experiment (null: the Hydra job's name)
+    tracking_uri: Any = None
+    experiment_name: Any = None
+    # optional: a function (_target_) called with each corner of the search space's composed
+    # config before anything is created; a ValueError it raises stops the sweep with one line
+    check: Any = None
+    # optional: a function (_target_) called once at the end with run_id= (the best run) and
+    # config= (its composed config), e.g. to evaluate it on a test set and log an MLflow model
+    publish: Any = None
+    # register the best run's MLflow model and move an alias (see RegistryConf)
+    registry: RegistryConf = field(default_factory=RegistryConf)
+    # heartbeat of a trial in an RDB storage: a trial silent for `grace` seconds is failed by
+    # any worker of the study (a worker on another machine died)
+    heartbeat_interval: int = 10
+    heartbeat_grace: int = 60
+
+
+# `mlflow_study`: no other Hydra plugin on PyPI registers this sweeper name (checked on
+# 2026-11-29; `mlflow_optuna` is hydra-optuna-mlflow-sweeper's)
+ConfigStore.instance().store(
+    group="hydra/sweeper",
+    name="mlflow_study",
+    node=MlflowStudySweeperConf,
+    provider="hydra-mlflow-study-sweeper",
+)

@@ -1,0 +1,37 @@
+"""The Hydra-facing sweeper: keeps its settings, and hands the sweep to the lazily imported core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.mlflow_study_sweeper.config import MlflowStudySweeperConf
+
+
+class MlflowStudySweeper(Sweeper):
+    def __init__(self, **settings: Any) -> None:
+        plain = {
+            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in settings.items()
+        }
+        registry = plain.pop("registry", None) or {}
+        self.settings = MlflowStudySweeperConf(**plain)
+        self.settings.registry = type(self.settings.registry)(**registry)
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+        self.config = config
+
+    def sweep(self, arguments: list[str]) -> Any:
+        # optuna and mlflow load here, when a sweep runs, not when Hydra scans plugins
+        from hydra_plugins.mlflow_study_sweeper._sweep import run_sweep
+
+        return run_sweep(
+            self.settings, self.hydra_context, self.task_function, self.config, arguments
+        )

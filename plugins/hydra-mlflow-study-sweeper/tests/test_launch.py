@@ -1,0 +1,85 @@
+"""A trial run in the sweep's process on its one config is the job Hydra's own path makes: the
+same folders and .hydra/ files byte for byte, the same config, Hydra config, working directory,
+environment and log, as the basic launcher's load_sweep_config and run_job give it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from harness import APPS, clean_env, run_in_process
+
+from hydra_plugins.mlflow_study_sweeper import _launch
+from hydra_plugins.mlflow_study_sweeper._launch import override_dirname
+
+PROBE = APPS / "probe" / "probe_app.py"
+# what may differ between two sweeps: their folders, and the ids MLflow and Optuna hand out
+IDS = re.compile(r"[0-9a-f]{32}|(?<=SWEEP_TRIAL_ID[=:] )'?\d+'?|(?<=TRIAL_ID=)\d+")
+
+
+def sweep(path, monkeypatch, through_hydra: bool) -> dict[str, str]:
+    """The probe app's 3 trials; every file its jobs left, path-independent."""
+    if through_hydra:
+        made = _launch.InProcessJobs.__init__
+
+        def via_hydra(self, *args, **kwargs):
+            made(self, *args, **kwargs)
+            self.through_hydra = True
+
+        monkeypatch.setattr(_launch.InProcessJobs, "__init__", via_hydra)
+    path.mkdir()
+    argv = [
+        str(PROBE),
+        "-m",
+        f"hydra.sweep.dir={path}/multirun",
+        f"hydra.sweeper.storage=sqlite:///{path}/optuna.db",
+        f"hydra.sweeper.tracking_uri=sqlite:///{path}/mlflow.db",
+        "y=0.25",  # a fixed value, left out of override_dirname by the config
+        "nested.value=4",
+    ]
+    proc = run_in_process(argv, path, clean_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    monkeypatch.undo()
+    files = {}
+    for file in sorted((path / "multirun").rglob("*")):
+        if file.is_file() and file.suffix in (".yaml", ".json", ".log"):
+            text = file.read_text().replace(str(path), "<folder>")
+            if file.suffix == ".log":  # lines carry their time
+                text = re.sub(r"^\[[^]]*\]", "[time]", text, flags=re.M)
+            files[str(file.relative_to(path))] = IDS.sub("<id>", text)
+    return files
+
+
+def test_the_one_config_path_writes_what_hydras_own_path_writes(tmp_path, monkeypatch):
+    fast = sweep(tmp_path / "fast", monkeypatch, through_hydra=False)
+    hydra = sweep(tmp_path / "hydra", monkeypatch, through_hydra=True)
+    assert sorted(fast) == sorted(hydra)
+    assert len([f for f in fast if f.endswith("probe.json")]) == 3
+    for name in fast:
+        assert fast[name] == hydra[name], name
+    # and what the jobs saw is what the config says
+    # the grid sampler's first point is x=3
+    first = json.loads(fast["multirun/0_nested.value=4,x=3/probe.json"])
+    assert first["cfg"] == {"x": 3, "y": 0.25, "label": "x is 3", "nested": {"value": 4}}
+    assert first["job"]["override_dirname"] == "nested.value=4,x=3"
+    assert first["cwd"] == first["output_dir"] == "<folder>/multirun/0_nested.value=4,x=3"
+    assert first["env"] == {"SWEEP_TRIAL_NUMBER": "0", "PROBE": "set-by-config"}
+    assert first["hydra_resolver"] == 0 and first["struct"]
+    assert first["log_files"] == ["probe_app.log"]
+    assert "a line in the job's log" in fast["multirun/0_nested.value=4,x=3/probe_app.log"]
+
+
+@pytest.mark.parametrize(
+    "overrides, exclude, expected",
+    [
+        ([("b", "b=2"), ("a", "a=1")], [], "a=1,b=2"),
+        ([("b", "b=2"), ("a", "a=1")], ["b"], "a=1"),
+        ([("+c", "+c=x y"), ("a", "a=1")], [], "+c=x y,a=1"),
+    ],
+)
+def test_override_dirname_as_hydra_computes_it(overrides, exclude, expected):
+    assert override_dirname(overrides, exclude, ",", "=") == expected
+    assert override_dirname(overrides, exclude, "/", ":") == expected.replace(",", "/").replace(
+        "=", ":"
+    )

@@ -1,0 +1,138 @@
+"""Every use of Optuna's private names, pinned on real storages: an Optuna upgrade that moves one
+breaks this file (and _optuna_internals.py), nothing else."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from hydra_plugins.mlflow_study_sweeper import _optuna_internals as internals
+from hydra_plugins.mlflow_study_sweeper._samplers import ExhaustibleGridSampler
+from hydra_plugins.mlflow_study_sweeper._study import make_storage, optuna_quietly
+
+
+@pytest.fixture(params=["sqlite", "journal", "memory"])
+def study(request, tmp_path):
+    """A study on each kind of storage the sweeper opens."""
+    url = {
+        "sqlite": f"sqlite:///{tmp_path}/optuna.db",
+        "journal": str(tmp_path / "optuna.journal"),
+        "memory": None,
+    }[request.param]
+    with optuna_quietly():
+        study = optuna.create_study(study_name="s", storage=make_storage(url, 1, 4))
+    yield study
+    internals.close(study)
+
+
+def test_ids_and_storage_reach_the_same_trial(study):
+    trial = study.ask({"x": FloatDistribution(0, 1)})
+    trial_id = internals.trial_id(trial)
+    frozen = internals.frozen(study, trial_id)
+    assert internals.trial_id(frozen) == trial_id and frozen.number == trial.number
+    assert internals.storage(study).get_study_id_from_name("s") == internals.study_id(study)
+    live = internals.live_trial(study, trial_id)
+    assert live.number == trial.number and live.params == trial.params
+
+
+def test_attributes_and_states_through_the_storage(study):
+    trial_id = internals.trial_id(study.ask())
+    internals.set_study_system_attr(study, "k", {"a": 1})
+    assert internals.study_system_attrs(study)["k"] == {"a": 1}
+    internals.set_trial_system_attr(study, trial_id, "s", [1, 2])
+    internals.set_trial_user_attr(study, trial_id, "u", "v")
+    internals.set_intermediate_value(study, trial_id, 3, 0.5)
+    frozen = internals.frozen(study, trial_id)
+    assert frozen.system_attrs["s"] == [1, 2] and frozen.user_attrs["u"] == "v"
+    assert frozen.intermediate_values == {3: 0.5}
+    assert internals.set_trial_state(study, trial_id, TrialState.FAIL)
+    assert study.get_trials()[0].state == TrialState.FAIL
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # fail_trial relies on it
+        internals.set_trial_state(study, trial_id, TrialState.FAIL)
+
+
+def test_insert_once_is_true_for_exactly_one_of_many_writers(study):
+    wins = []
+    start = threading.Barrier(8)
+
+    def write(i: int) -> None:
+        start.wait()
+        if internals.insert_once(study, "claim", i):
+            wins.append(i)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert internals.study_system_attrs(study)["claim"] == wins[0]
+    assert not internals.insert_once(study, "claim", "again")
+
+
+def test_insert_once_across_two_openings_of_one_database(tmp_path):
+    """Two processes open the same database: the INSERT's unique key decides between them."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    with optuna_quietly():
+        a = optuna.create_study(study_name="s", storage=make_storage(url))
+        b = optuna.load_study(study_name="s", storage=make_storage(url))
+    try:
+        assert internals.insert_once(a, "claim", "a")
+        assert not internals.insert_once(b, "claim", "b")
+        assert internals.study_system_attrs(b)["claim"] == "a"
+    finally:
+        internals.close(a)
+        internals.close(b)
+
+
+def test_replace_if_swaps_only_what_it_saw(study):
+    internals.set_study_system_attr(study, "claim", {"v": 1})
+    assert not internals.replace_if(study, "claim", {"v": 0}, {"v": 2})
+    assert internals.replace_if(study, "claim", {"v": 1}, {"v": 2})
+    assert internals.study_system_attrs(study)["claim"] == {"v": 2}
+
+
+def test_heartbeats_and_their_ages(study):
+    interval = internals.heartbeat_interval(study)
+    rdb = isinstance(internals.backend(study), optuna.storages.RDBStorage)
+    assert interval == (1 if rdb else None)  # journal files and memory keep no heartbeats
+    if not rdb:
+        assert internals.heartbeat_ages(study) == {}
+        return
+    beating, silent, done = (internals.trial_id(study.ask()) for _ in range(3))
+    internals.record_heartbeat(study, beating)
+    internals.set_trial_state(study, done, TrialState.FAIL)  # finished trials are not listed
+    time.sleep(1.1)
+    ages = internals.heartbeat_ages(study)
+    assert set(ages) == {beating, silent}
+    assert ages[silent] is None
+    assert 1 <= ages[beating] < 30
+
+
+def test_contains_checks_a_value_against_a_distribution():
+    assert internals.contains(FloatDistribution(0, 1), 0.5)
+    assert not internals.contains(FloatDistribution(0, 1), 1.5)
+    assert internals.contains(IntDistribution(0, 10, step=2), 4)
+    assert not internals.contains(IntDistribution(0, 10, step=2), 3)
+    assert internals.contains(CategoricalDistribution(["a", "b"]), "b")
+    assert not internals.contains(CategoricalDistribution(["a", "b"]), "c")
+    assert not internals.contains(FloatDistribution(0, 1), "text")
+
+
+def test_grid_points_left(tmp_path):
+    space = {"x": [1, 2, 3]}
+    sampler = ExhaustibleGridSampler(space)
+    study = optuna.create_study(sampler=sampler)
+    assert internals.grid_size(sampler) == 3
+    assert internals.unvisited_grid_points(sampler, study) == 3
+    dist = {"x": CategoricalDistribution([1, 2, 3])}
+    for left in (2, 1, 0):
+        trial = study.ask(dist)
+        study.tell(trial, 0.0)
+        assert internals.unvisited_grid_points(sampler, study) == left
+    assert sampler.exhausted(study)
