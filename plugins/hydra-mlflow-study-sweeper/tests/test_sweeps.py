@@ -8,6 +8,7 @@ per-epoch reports (pruning), failures and a non-number result.
 from __future__ import annotations
 
 import math
+import shutil
 
 import optuna
 import pytest
@@ -249,6 +250,11 @@ REFUSED = [
     ("x=choice([1,2],[3])", "is a list or mapping"),
     # (on the command line, Hydra itself refuses choice() before any sweeper runs)
     ("hydra.sweeper.params.x='choice()'", "empty choice is not legal"),
+    # once a traceback from Optuna
+    ("hydra.sweeper.heartbeat_grace=0", "must be whole seconds with grace > interval"),
+    ("hydra.sweeper.heartbeat_interval=60", "must be whole seconds with grace > interval"),
+    # once MLflow's "filesystem tracking backend is in maintenance mode", the study created
+    ("hydra.sweeper.tracking_uri=file:///tmp/runs", "MLflow 3 keeps its file store"),
 ]
 
 
@@ -261,6 +267,40 @@ def test_bad_input_is_one_error_line_and_creates_nothing(tmp_path, override, mes
     assert len(errors) == 1, proc.stderr
     assert message in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no folder
+
+
+# a store that is a file already there, and not what it should be: (setting, file, message)
+WRONG_FILES = [
+    ("tracking_uri", "text", "is not an MLflow store"),  # once: the study, then a traceback
+    ("storage", "text", "is not an Optuna storage"),
+    ("tracking_uri", "optuna", "not an MLflow store"),  # the two stores in one file
+    ("storage", "mlflow", "not an Optuna storage"),
+]
+
+
+@pytest.mark.parametrize("setting, kind, message", WRONG_FILES)
+def test_a_store_file_that_is_something_else_is_one_error_line(
+    tmp_path, empty_mlflow_store, setting, kind, message
+):
+    wrong = tmp_path / "wrong.db"
+    if kind == "text":
+        wrong.write_text("not a database\n" * 100)
+    elif kind == "mlflow":
+        wrong.write_bytes(empty_mlflow_store.read_bytes())
+    else:
+        other = ToyApp(tmp_path / "other")
+        other.path.mkdir()
+        ok(other.run("hydra.sweeper.n_trials=1"))
+        wrong.write_bytes((other.path / "optuna.db").read_bytes())
+        shutil.rmtree(other.path)
+    before = wrong.read_bytes()
+    proc = ToyApp(tmp_path).run(f"hydra.sweeper.{setting}=sqlite:///{wrong}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    (error,) = error_lines(proc)
+    assert message in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong.db"]  # nothing else made
+    assert wrong.read_bytes() == before  # nor changed
 
 
 @pytest.mark.slow

@@ -15,17 +15,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from hydra_plugins.mlflow_study_sweeper import _space, _tracking
-from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError, mask_url
+from hydra_plugins.mlflow_study_sweeper import _space, _tracking_store
+from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError
 from hydra_plugins.mlflow_study_sweeper._launch import IN_PROCESS_LAUNCHERS
 from hydra_plugins.mlflow_study_sweeper._objectives import MULTI_OBJECTIVE_REFUSED, Objectives
 from hydra_plugins.mlflow_study_sweeper._samplers import make_pruner, make_sampler
-from hydra_plugins.mlflow_study_sweeper._study import make_storage
+from hydra_plugins.mlflow_study_sweeper._study import check_storage
 from hydra_plugins.mlflow_study_sweeper._warm import check_enqueue
 
 MAX_TRIALS = 1_000_000
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
 
 
 @dataclass
@@ -58,6 +57,34 @@ class Checks:
             raise SweepConfigError(str(err).splitlines()[0]) from None
 
     def plan(self, arguments: list[str]) -> Plan:
+        """Every setting checked, and both stores probed without creating anything."""
+        s = self.s
+        self.check_numbers()
+        objectives = Objectives.from_settings(s.direction, s.metric, s.champion)
+        space, fixed = _space.parse(s.params, arguments)
+        base = self.compose(fixed)
+        self.check_space(space, base)
+        self.check_corners(space, fixed, base)
+        sampler, pruner = self.optimizers(space, objectives)
+        storage = self.storage()
+        uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        uri = _tracking_store.absolute_uri(uri, self.start_dir)
+        _tracking_store.check_store(uri)  # before the study exists
+        return Plan(
+            space=space,
+            fixed=fixed,
+            base=base,
+            sampler=sampler,
+            pruner=pruner,
+            storage_url=storage,
+            tracking_uri=uri,
+            experiment_name=str(s.experiment_name or self.config.hydra.job.name),
+            objectives=objectives,
+            timeout_s=parse_duration(s.timeout),
+            enqueue=check_enqueue(s.enqueue, space),
+        )
+
+    def check_numbers(self) -> None:
         s = self.s
         name = str(s.study_name)
         if not STUDY_NAME.fullmatch(name) or ".." in name:
@@ -86,34 +113,48 @@ class Checks:
                 f"hydra.sweeper.trial_timeout={s.trial_timeout} must be a number of seconds > 0, "
                 f"or null for no limit"
             )
-        objectives = Objectives.from_settings(s.direction, s.metric, s.champion)
-        space, fixed = _space.parse(s.params, arguments)
+        interval, grace = s.heartbeat_interval, s.heartbeat_grace
+        if not all(isinstance(v, int) and v >= 1 for v in (interval, grace)) or grace <= interval:
+            raise SweepConfigError(
+                f"hydra.sweeper.heartbeat_interval={interval} and heartbeat_grace={grace} must be "
+                f"whole seconds with grace > interval (a trial silent for `grace` seconds is "
+                f"failed; it beats every `interval`): e.g. 10 and 60"
+            )
+
+    def check_space(self, space: dict[str, Any], base: DictConfig) -> None:
         if not space:
             raise SweepConfigError(
                 "the search space is empty: set hydra.sweeper.params, e.g. "
                 "hydra.sweeper.params.x='interval(0, 1)', or sweep a key: x='interval(0, 1)'"
             )
-        base = self.compose(fixed)
         for key in space:
             if OmegaConf.select(base, key, default="__missing__") == "__missing__":
                 raise SweepConfigError(
                     f"hydra.sweeper.params.{key}: the config has no key {key!r} to search over"
                 )
-        self.check_corners(space, fixed, base)
-        sampler = make_sampler(s.sampler, s.seed, space)
-        pruner = make_pruner(s.pruner)
-        if objectives.multi:
-            instead = {
-                sampler: "sampler tpe, nsga2 or random",
-                pruner: "pruner median, percentile, successive_halving or threshold",
-            }
-            for part, other in instead.items():
-                if type(part).__name__ in MULTI_OBJECTIVE_REFUSED:
-                    raise SweepConfigError(
-                        f"{type(part).__name__} cannot work with several objectives "
-                        f"(hydra.sweeper.direction={list(objectives.directions)}): use {other}"
-                    )
-        storage = _tracking.absolute_uri(str(s.storage), self.start_dir) if s.storage else None
+
+    def optimizers(self, space: dict[str, Any], objectives: Objectives) -> tuple[Any, Any]:
+        """The sampler and the pruner, refused where they cannot serve several objectives."""
+        sampler = make_sampler(self.s.sampler, self.s.seed, space)
+        pruner = make_pruner(self.s.pruner)
+        instead = {
+            sampler: "sampler tpe, nsga2 or random",
+            pruner: "pruner median, percentile, successive_halving or threshold",
+        }
+        for part, other in instead.items() if objectives.multi else ():
+            if type(part).__name__ in MULTI_OBJECTIVE_REFUSED:
+                raise SweepConfigError(
+                    f"{type(part).__name__} cannot work with several objectives "
+                    f"(hydra.sweeper.direction={list(objectives.directions)}): use {other}"
+                )
+        return sampler, pruner
+
+    def storage(self) -> str | None:
+        """The Optuna storage's URL, probed (None: in memory, where that can work)."""
+        s = self.s
+        storage = (
+            _tracking_store.absolute_uri(str(s.storage), self.start_dir) if s.storage else None
+        )
         launcher = type(self.launcher).__name__
         if storage is None and launcher not in IN_PROCESS_LAUNCHERS:
             raise SweepConfigError(
@@ -127,23 +168,8 @@ class Checks:
                 "storage: set hydra.sweeper.storage=sqlite:///optuna.db or postgresql://..."
             )
         if storage is not None:
-            make_storage_check(storage)
-        uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-        scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "file"
-        if scheme not in TRACKING_SCHEMES:
-            raise SweepConfigError(
-                f"the MLflow tracking URI {mask_url(uri)!r} has an unknown scheme {scheme!r}: use "
-                f"sqlite:///mlflow.db, http://host:5000 or postgresql://..."
-            )
-        timeout_s = parse_duration(s.timeout)
-        enqueue = check_enqueue(s.enqueue, space)
-        _tracking.check_server(uri)  # before the study exists
-        experiment = s.experiment_name or self.config.hydra.job.name
-        return Plan(
-            space, fixed, base, sampler, pruner, storage,
-            _tracking.absolute_uri(uri, self.start_dir), str(experiment), objectives, timeout_s,
-            enqueue,
-        )  # fmt: skip
+            check_storage(storage)
+        return storage
 
     def check_corners(self, space: dict, fixed: list[str], base: DictConfig) -> None:
         """Every corner of the space composes, and passes the app's own check if it has one.
@@ -214,10 +240,3 @@ def parse_duration(value: Any) -> float | None:
             f"s, m, h or d, e.g. 45m or 2h"
         )
     return seconds
-
-
-def make_storage_check(url: str) -> None:
-    """An unknown storage scheme is an error before anything is created."""
-    if url.startswith(("sqlite", "postgresql", "mysql")) or url.endswith((".log", ".journal")):
-        return
-    make_storage(url)  # raises with the list of what works

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -65,3 +66,21 @@ def cached_empty(name: str, build: Callable[[Path], None]) -> Path | None:
     except Exception:  # a read-only home, say: each store is then built from nothing
         return None
     return template
+
+
+def tables(path: Path) -> set[str]:
+    """The tables of an existing SQLite file, read without writing; ValueError says why not."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    except sqlite3.DatabaseError as err:  # "file is not a database", a directory, no access
+        raise ValueError(f"{path} is not a SQLite database ({err})") from None
+    return {name for (name,) in rows}
+
+
+def writable_place(path: Path) -> bool:
+    """Whether a new file can be made at `path` (its nearest existing folder is writable)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)

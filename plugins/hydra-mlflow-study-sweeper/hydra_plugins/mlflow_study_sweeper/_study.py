@@ -16,7 +16,12 @@ from hydra_plugins.mlflow_study_sweeper import _keys, _optuna_internals
 from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError, SweepError, mask_url
 from hydra_plugins.mlflow_study_sweeper._objectives import Objectives
 from hydra_plugins.mlflow_study_sweeper._space import describe
-from hydra_plugins.mlflow_study_sweeper._sqlite_files import create_whole, sqlite_path
+from hydra_plugins.mlflow_study_sweeper._sqlite_files import (
+    create_whole,
+    sqlite_path,
+    tables,
+    writable_place,
+)
 
 
 @contextlib.contextmanager
@@ -56,6 +61,64 @@ def make_storage(
         f"hydra.sweeper.storage={url!r} is not a storage URL: use sqlite:///optuna.db, "
         f"postgresql://user@host/db, a path ending in .journal, or null for memory"
     )
+
+
+def check_storage(url: str) -> None:
+    """The storage can be used, found out without creating anything in it."""
+    path = sqlite_path(url)
+    if path is not None:
+        if not path.exists() or path.stat().st_size == 0:
+            if not writable_place(path):
+                raise SweepConfigError(
+                    f"cannot create the Optuna storage {path}: its folder is not writable"
+                )
+            return
+        try:
+            found = tables(path)
+        except ValueError as err:
+            raise SweepConfigError(
+                f"hydra.sweeper.storage={url} is not an Optuna storage: {err}. Point it at "
+                f"another file"
+            ) from None
+        if found and "studies" not in found:
+            raise SweepConfigError(
+                f"{path} is a SQLite database of something else (tables "
+                f"{', '.join(sorted(found)[:4])}, ...), not an Optuna storage: point "
+                f"hydra.sweeper.storage at another file (the Optuna storage and the MLflow store "
+                f"cannot share one)"
+            )
+    elif url.startswith(("postgresql", "mysql")):
+        check_database(url)
+    elif url.endswith((".log", ".journal")):
+        journal = Path(url.removeprefix("journal:///").removeprefix("file://"))
+        if not journal.exists() and not writable_place(journal):
+            raise SweepConfigError(
+                f"cannot create the journal {journal}: its folder is not writable"
+            )
+    else:
+        make_storage(url)  # raises with the list of what works
+
+
+def check_database(url: str, timeout_s: int = 10) -> None:
+    """One connection to the storage's database server (no tables made)."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    connect_args = {"connect_timeout": timeout_s} if url.startswith("postgres") else {}
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=connect_args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as err:  # no server, no such database, a refused login, no driver
+        lines = str(err).strip().splitlines()
+        first = lines[0] if lines else type(err).__name__
+        raise SweepConfigError(
+            f"cannot open the Optuna storage {mask_url(url)}: {mask_url(first)[:300]}. Check "
+            f"the URL, that the database exists (createdb ...) and that its server runs"
+        ) from None
 
 
 def _empty(file: Path) -> None:

@@ -26,6 +26,7 @@ from hydra_plugins.mlflow_study_sweeper import (
     _optuna_internals,
     _space,
     _tracking,
+    _tracking_store,
 )
 from hydra_plugins.mlflow_study_sweeper._checks import Checks, Plan
 from hydra_plugins.mlflow_study_sweeper._end import EndPlan, Registration, SweepEnd
@@ -159,12 +160,12 @@ class SweepRun:
             # a resumed study, or a second worker: the seed's sequence would repeat the first
             # worker's trials, so only the process that created the study keeps the seed
             plan.sampler.reseed_rng()
-        client = _tracking.connect(plan.tracking_uri)  # a down server fails here, not later
+        client = _tracking_store.connect(plan.tracking_uri)  # a down server fails here, not later
         for note in seed_study(
             study, plan.space, plan.enqueue or [], self.s.warm_start_from, client, plan.objectives
         ):
             print(note, flush=True)
-        experiment = _tracking.experiment_id(client, plan.experiment_name)
+        experiment = _tracking_store.experiment_id(client, plan.experiment_name)
         crash_point("stores-created")
         # handed to every job's process through the environment, never on a command line
         os.environ[_contract.MLFLOW_TRACKING_URI] = plan.tracking_uri

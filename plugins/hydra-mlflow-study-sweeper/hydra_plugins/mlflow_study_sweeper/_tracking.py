@@ -1,4 +1,4 @@
-"""The MLflow side of a sweep: the store, and every run's lifecycle (the parent, one per trial).
+"""The MLflow side of a sweep: every run's lifecycle (the parent, one per trial).
 
 `SweepRuns` is called at a trial's start and end, and by the end step for the parent; nothing
 else in the sweeper creates a run or sets a status. Each trial costs four calls: create the run,
@@ -7,15 +7,10 @@ log its params, log its outcome (metrics and tags in one batch), set its status.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import sqlite3
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,128 +22,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from hydra_plugins.mlflow_study_sweeper import _contract, _keys
-from hydra_plugins.mlflow_study_sweeper._errors import (
-    SweepConfigError,
-    TrackingUnavailableError,
-    mask_url,
-)
-from hydra_plugins.mlflow_study_sweeper._faults import crash_point
-from hydra_plugins.mlflow_study_sweeper._sqlite_files import create_whole, sqlite_path
 
 log = logging.getLogger(__name__)
-# tracking URIs MLflow opens with SQLAlchemy (postgresql+psycopg://... included)
-DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 MAX_PARAMS, MAX_METRICS = 100, 1000  # MLflow's limits per log_batch
-
-
-# ---- the store -------------------------------------------------------------------------------
-def absolute_uri(uri: str, start_dir: str | os.PathLike | None = None) -> str:
-    """sqlite:///rel.db -> sqlite:////abs/rel.db, against the directory the user started in."""
-    base = Path(start_dir or os.getcwd())
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
-        return prefix + str((base / uri[len(prefix) :]).resolve())
-    if "://" not in uri:  # a plain folder: MLflow's file store
-        return str((base / uri).resolve())
-    return uri
-
-
-def create_sqlite_store(tracking_uri: str) -> None:
-    """A new sqlite store appears complete or not at all (see _sqlite_files)."""
-    path = sqlite_path(tracking_uri)
-    if path is None:
-        return
-
-    def build(file: Path) -> None:
-        MlflowClient(f"sqlite:///{file}").search_experiments(max_results=1)
-        with contextlib.closing(sqlite3.connect(file)) as db, db:
-            # the default experiment records the folder it was made in: MLflow makes it again,
-            # for the store's own folder, when a copy is first opened
-            db.execute("DELETE FROM experiments WHERE experiment_id = 0")
-
-    def ready(file: Path) -> None:
-        MlflowClient(f"sqlite:///{file}").search_experiments(max_results=1)
-        crash_point("mlflow-store-built")
-
-    create_whole(path, f"mlflow-{mlflow.__version__}-empty.db", build, ready)
-
-
-def check_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast (instead of minutes of MLflow's retries) when a tracking server is down."""
-    if tracking_uri.startswith(DATABASE_SCHEMES):
-        check_database(tracking_uri, timeout_s)
-        return
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    url = tracking_uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            response.read()
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise TrackingUnavailableError(
-            f"the MLflow tracking server at {tracking_uri} does not answer ({reason}): "
-            f"start it (mlflow server --backend-store-uri sqlite:///mlflow.db --port ...) "
-            f"or set hydra.sweeper.tracking_uri to a reachable server or a sqlite:/// file"
-        ) from None
-
-
-def check_database(tracking_uri: str, timeout_s: float) -> None:
-    """One connection attempt: MLflow itself retries a missing database for about 2 minutes."""
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    connect_args = {"connect_timeout": int(timeout_s)} if "postgres" in tracking_uri else {}
-    try:
-        engine = sqlalchemy.create_engine(
-            tracking_uri, poolclass=NullPool, connect_args=connect_args
-        )
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
-    except Exception as err:  # no server, no such database, a refused login, no driver
-        lines = str(err).strip().splitlines()
-        first = lines[0] if lines else type(err).__name__
-        raise TrackingUnavailableError(
-            f"cannot open the MLflow tracking database {mask_url(tracking_uri)}: "
-            f"{mask_url(first)[:300]}. Check the URI, that the database exists (createdb ...) "
-            f"and that its server runs"
-        ) from None
-
-
-def connect(tracking_uri: str) -> MlflowClient:
-    """A client for this store, creating a new sqlite store whole."""
-    if tracking_uri.startswith("sqlite:///"):
-        create_sqlite_store(tracking_uri)
-    check_server(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    try:
-        experiment = client.get_experiment_by_name(name)
-    except Exception as err:
-        if "alembic" not in str(err) and "no such table" not in str(err):
-            raise
-        raise SweepConfigError(
-            f"the MLflow store {client.tracking_uri} is half-created or half-migrated (a process "
-            f"was killed while MLflow built its tables). If a sweep just created it, it holds no "
-            f"runs: delete the file and rerun. Otherwise restore it from a backup, or try "
-            f"`mlflow db upgrade {client.tracking_uri}`"
-        ) from None
-    if experiment is not None:
-        if experiment.lifecycle_stage != "active":
-            raise SweepConfigError(
-                f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore) "
-                f"or choose another experiment name"
-            )
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # another worker created it in the meantime
-        return client.get_experiment_by_name(name).experiment_id
 
 
 # ---- values as MLflow keeps them -----------------------------------------------------------------

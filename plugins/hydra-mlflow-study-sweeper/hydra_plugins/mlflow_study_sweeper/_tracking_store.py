@@ -1,0 +1,194 @@
+"""The MLflow store a sweep tracks into: made whole, checked before anything is created,
+opened; the sweep's experiment."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from hydra_plugins.mlflow_study_sweeper._errors import (
+    SweepConfigError,
+    TrackingUnavailableError,
+    mask_url,
+)
+from hydra_plugins.mlflow_study_sweeper._faults import crash_point
+from hydra_plugins.mlflow_study_sweeper._sqlite_files import (
+    create_whole,
+    sqlite_path,
+    tables,
+    writable_place,
+)
+
+# tracking URIs MLflow opens with SQLAlchemy (postgresql+psycopg://... included)
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def absolute_uri(uri: str, start_dir: str | os.PathLike | None = None) -> str:
+    """sqlite:///rel.db -> sqlite:////abs/rel.db, against the directory the user started in."""
+    base = Path(start_dir or os.getcwd())
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        return prefix + str((base / uri[len(prefix) :]).resolve())
+    if "://" not in uri:  # a plain folder: MLflow's file store
+        return str((base / uri).resolve())
+    return uri
+
+
+def create_sqlite_store(tracking_uri: str) -> None:
+    """A new sqlite store appears complete or not at all (see _sqlite_files)."""
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        return
+
+    def build(file: Path) -> None:
+        MlflowClient(f"sqlite:///{file}").search_experiments(max_results=1)
+        with contextlib.closing(sqlite3.connect(file)) as db, db:
+            # the default experiment records the folder it was made in: MLflow makes it again,
+            # for the store's own folder, when a copy is first opened
+            db.execute("DELETE FROM experiments WHERE experiment_id = 0")
+
+    def ready(file: Path) -> None:
+        MlflowClient(f"sqlite:///{file}").search_experiments(max_results=1)
+        crash_point("mlflow-store-built")
+
+    create_whole(path, f"mlflow-{mlflow.__version__}-empty.db", build, ready)
+
+
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
+MLFLOW_TABLES = {"experiments", "runs", "alembic_version"}
+
+
+def check_store(tracking_uri: str) -> None:
+    """The store can be used, found out without creating or changing anything in it."""
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0] if "://" in tracking_uri else "file"
+    if scheme not in TRACKING_SCHEMES:
+        raise SweepConfigError(
+            f"the MLflow tracking URI {mask_url(tracking_uri)!r} has an unknown scheme "
+            f"{scheme!r}: use sqlite:///mlflow.db, http://host:5000 or postgresql://..."
+        )
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise SweepConfigError(
+            f"the MLflow tracking URI {tracking_uri!r} is a folder: MLflow 3 keeps its file store "
+            f"for reading old runs only. Use sqlite:///mlflow.db (or a server), or set "
+            f"MLFLOW_ALLOW_FILE_STORE=true to write there anyway"
+        )
+    path = sqlite_path(tracking_uri)
+    if path is not None:
+        check_sqlite_store(tracking_uri, path)
+    check_server(tracking_uri)
+
+
+def check_sqlite_store(tracking_uri: str, path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        if not writable_place(path):
+            raise SweepConfigError(
+                f"cannot create the MLflow store {path}: its folder is not writable"
+            )
+        return
+    try:
+        found = tables(path)
+    except ValueError as err:
+        raise SweepConfigError(
+            f"the MLflow tracking URI {tracking_uri} is not an MLflow store: {err}. Point "
+            f"hydra.sweeper.tracking_uri at another file"
+        ) from None
+    if found and not found >= MLFLOW_TABLES:
+        raise SweepConfigError(
+            f"{path} is a SQLite database of something else (tables {', '.join(sorted(found)[:4])}"
+            f", ...), not an MLflow store: point hydra.sweeper.tracking_uri at another file "
+            f"(the Optuna storage and the MLflow store cannot share one)"
+        )
+    try:  # opening an existing store checks its schema and writes nothing
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as err:
+        raise SweepConfigError(
+            f"the MLflow store {tracking_uri} cannot be opened ({str(err).splitlines()[0][:200]}): "
+            f"if a process was killed while MLflow built it and it holds no runs, delete it and "
+            f"rerun; an older store upgrades with `mlflow db upgrade {tracking_uri}`"
+        ) from None
+
+
+def check_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast (instead of minutes of MLflow's retries) when a tracking server is down."""
+    if tracking_uri.startswith(DATABASE_SCHEMES):
+        check_database(tracking_uri, timeout_s)
+        return
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server at {tracking_uri} does not answer ({reason}): "
+            f"start it (mlflow server --backend-store-uri sqlite:///mlflow.db --port ...) "
+            f"or set hydra.sweeper.tracking_uri to a reachable server or a sqlite:/// file"
+        ) from None
+
+
+def check_database(tracking_uri: str, timeout_s: float) -> None:
+    """One connection attempt: MLflow itself retries a missing database for about 2 minutes."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    connect_args = {"connect_timeout": int(timeout_s)} if "postgres" in tracking_uri else {}
+    try:
+        engine = sqlalchemy.create_engine(
+            tracking_uri, poolclass=NullPool, connect_args=connect_args
+        )
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as err:  # no server, no such database, a refused login, no driver
+        lines = str(err).strip().splitlines()
+        first = lines[0] if lines else type(err).__name__
+        raise TrackingUnavailableError(
+            f"cannot open the MLflow tracking database {mask_url(tracking_uri)}: "
+            f"{mask_url(first)[:300]}. Check the URI, that the database exists (createdb ...) "
+            f"and that its server runs"
+        ) from None
+
+
+def connect(tracking_uri: str) -> MlflowClient:
+    """A client for this store, creating a new sqlite store whole."""
+    if tracking_uri.startswith("sqlite:///"):
+        create_sqlite_store(tracking_uri)
+    check_server(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    try:
+        experiment = client.get_experiment_by_name(name)
+    except Exception as err:
+        if "alembic" not in str(err) and "no such table" not in str(err):
+            raise
+        raise SweepConfigError(
+            f"the MLflow store {client.tracking_uri} is half-created or half-migrated (a process "
+            f"was killed while MLflow built its tables). If a sweep just created it, it holds no "
+            f"runs: delete the file and rerun. Otherwise restore it from a backup, or try "
+            f"`mlflow db upgrade {client.tracking_uri}`"
+        ) from None
+    if experiment is not None:
+        if experiment.lifecycle_stage != "active":
+            raise SweepConfigError(
+                f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore) "
+                f"or choose another experiment name"
+            )
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another worker created it in the meantime
+        return client.get_experiment_by_name(name).experiment_id
