@@ -127,6 +127,12 @@ class MNISTSplits:
     test: TensorBatches
 
 
+def load_test_set(root: str | Path, batch_size: int = 256) -> TensorBatches:
+    """The MNIST test set alone (what the publish hook scores), on the CPU."""
+    folder = ensure_mnist(root, download=False)
+    return TensorBatches(*_read_split(str(folder), False), batch_size)
+
+
 def load_mnist(
     root: str | Path,
     batch_size: int = 64,
