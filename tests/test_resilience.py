@@ -261,6 +261,8 @@ def test_missing_data_is_one_clear_error(sweep, tmp_path):
     assert len(error) == 1 and "Traceback" not in proc.stderr
     assert str(empty / "MNIST" / "raw") in error[0]
     assert "train-images-idx3-ubyte" in error[0] and "t10k-labels-idx1-ubyte" in error[0]
+    # missing data is no corner's fault: the line names none (it once said "model.dropout=0.0")
+    assert error[0].startswith("Error: MNIST is not in") and "reaches" not in error[0]
     assert not (sweep.path / "optuna.db").exists()
     assert not (sweep.path / "mlflow.db").exists()
 
