@@ -6,7 +6,7 @@ import copy
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -15,16 +15,24 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from hydra_plugins.mlflow_study_sweeper import _space, _tracking_store
+from hydra_plugins.mlflow_study_sweeper import _contract, _ray, _space, _tracking_store
 from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError
 from hydra_plugins.mlflow_study_sweeper._launch import IN_PROCESS_LAUNCHERS
 from hydra_plugins.mlflow_study_sweeper._objectives import MULTI_OBJECTIVE_REFUSED, Objectives
 from hydra_plugins.mlflow_study_sweeper._samplers import make_pruner, make_sampler
 from hydra_plugins.mlflow_study_sweeper._study import check_storage
 from hydra_plugins.mlflow_study_sweeper._warm import check_enqueue
+from hydra_plugins.mlflow_study_sweeper._workers import gpu_assignment, visible_gpus
 
 MAX_TRIALS = 1_000_000
+MAX_RAY_WORKERS = 10_000
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class Resources:
+    cpu: float | None  # per worker; None: the local default (the cores shared evenly)
+    gpu: float | None  # per worker; None: the local default (visible GPUs round robin)
 
 
 @dataclass
@@ -40,6 +48,8 @@ class Plan:
     objectives: Objectives
     timeout_s: float | None = None
     enqueue: list | None = None
+    resources: Resources = field(default_factory=lambda: Resources(None, None))
+    cluster: Any = None  # the Ray cluster (_ray.Cluster) of backend=ray; None: local workers
 
 
 class Checks:
@@ -70,6 +80,8 @@ class Checks:
         uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         uri = _tracking_store.absolute_uri(uri, self.start_dir)
         _tracking_store.check_store(uri)  # before the study exists
+        resources = self.resources()
+        cluster = self.cluster(storage, uri, resources)
         return Plan(
             space=space,
             fixed=fixed,
@@ -82,6 +94,8 @@ class Checks:
             objectives=objectives,
             timeout_s=parse_duration(s.timeout),
             enqueue=check_enqueue(s.enqueue, space),
+            resources=resources,
+            cluster=cluster,
         )
 
     def check_numbers(self) -> None:
@@ -96,11 +110,18 @@ class Checks:
             raise SweepConfigError(
                 f"hydra.sweeper.n_trials={s.n_trials} must be a whole number from 1 to {MAX_TRIALS}"
             )
-        cores = os.cpu_count() or 1
-        if not isinstance(s.n_jobs, int) or not 1 <= s.n_jobs <= 4 * cores:
+        if s.backend not in ("local", "ray"):
             raise SweepConfigError(
-                f"hydra.sweeper.n_jobs={s.n_jobs} must be from 1 to {4 * cores} (this machine has "
-                f"{cores} cores; each worker trains one trial)"
+                f"hydra.sweeper.backend={s.backend!r} is not a backend: use local (processes on "
+                f"this machine) or ray (actors on a Ray cluster)"
+            )
+        cores = os.cpu_count() or 1
+        most = 4 * cores if s.backend == "local" else MAX_RAY_WORKERS
+        if not isinstance(s.n_jobs, int) or not 1 <= s.n_jobs <= most:
+            where = f"this machine has {cores} cores" if s.backend == "local" else "Ray actors"
+            raise SweepConfigError(
+                f"hydra.sweeper.n_jobs={s.n_jobs} must be from 1 to {most} ({where}; each worker "
+                f"trains one trial)"
             )
         if not 0.0 <= float(s.max_failure_rate) <= 1.0:
             raise SweepConfigError(
@@ -120,6 +141,34 @@ class Checks:
                 f"whole seconds with grace > interval (a trial silent for `grace` seconds is "
                 f"failed; it beats every `interval`): e.g. 10 and 60"
             )
+
+    def resources(self) -> Resources:
+        cpu, gpu = self.s.resources.cpu, self.s.resources.gpu
+        for name, value, least in (("cpu", cpu, 0), ("gpu", gpu, -1)):
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > least
+            ):
+                raise SweepConfigError(
+                    f"hydra.sweeper.resources.{name}={value!r} must be a number "
+                    f"{'> 0' if name == 'cpu' else '>= 0'} (per worker), or null"
+                )
+        if self.s.backend == "local":
+            gpu_assignment(self.s.n_jobs, visible_gpus(), gpu)  # GPUs enough for the workers
+        return Resources(cpu, gpu)
+
+    def cluster(self, storage: str | None, tracking_uri: str, resources: Resources) -> Any:
+        """backend=ray: the cluster joined (or started) and checked; None for local workers."""
+        if self.s.backend != "ray" or _contract.is_worker():
+            return None
+        cluster = _ray.connect(self.s.ray.address)
+        try:
+            _ray.check_cluster(
+                cluster, storage, tracking_uri, resources.cpu or 1, resources.gpu or 0
+            )
+        except BaseException:
+            cluster.shutdown()
+            raise
+        return cluster
 
     def check_space(self, space: dict[str, Any], base: DictConfig) -> None:
         if not space:

@@ -132,6 +132,16 @@ def fail_orphaned_trials(
     return found
 
 
+def fail_trials_of(study: optuna.Study, label: dict[str, str], reason: str) -> list[int]:
+    """Fail the RUNNING trials of one worker known to be gone (a lost Ray node, say)."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        mine = _keys.worker(trial) == (label.get("host"), label.get("pid"))
+        if mine and fail_trial(study, _optuna_internals.trial_id(trial), "orphaned", reason):
+            failed.append(trial.number)
+    return failed
+
+
 class Heartbeat:
     """Records a trial's heartbeat in the RDB storage while the trial trains.
 

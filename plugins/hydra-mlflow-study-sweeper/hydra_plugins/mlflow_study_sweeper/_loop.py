@@ -134,6 +134,29 @@ class TrialLoop:
             self.durations.append(time.perf_counter() - started)
             self.last = (frozen, self.durations[-1])
 
+    def watch(self, workers: Any, poll_s: float = 1.0) -> LoopEnd:
+        """The study watched while other processes train it (Ray's workers): the trials of dead
+        workers failed, the failure budget kept; returns how it ended."""
+        while True:
+            workers.poll()  # a lost worker: its trial failed now (see _sweep), its slot refilled
+            trials = self.study.get_trials(deepcopy=False)
+            if self.recover(trials=trials):
+                trials = self.study.get_trials(deepcopy=False)
+            self.check_failure_budget(trials)
+            if _console.finished(trials) >= self.n_trials:
+                return LoopEnd(Ending.FINISHED)
+            sampler = self.study.sampler
+            if isinstance(sampler, ExhaustibleGridSampler) and sampler.exhausted(self.study):
+                return LoopEnd(Ending.GRID_USED_UP)
+            if not workers.alive():
+                if self.deadline is not None and time.time() + 1 >= self.deadline:
+                    return LoopEnd(Ending.OUT_OF_BUDGET)
+                raise SweepStopped(
+                    "every worker stopped before the study had n_trials finished trials (their "
+                    "lines above say why); rerun the command to resume"
+                )
+            time.sleep(poll_s)
+
     def recover(self, between_trials: bool = True, trials: list[FrozenTrial] | None = None) -> bool:
         """Fail the trials whose worker died, and close their runs; True if there were any."""
         failed = _liveness.fail_orphaned_trials(

@@ -34,6 +34,7 @@ from hydra_plugins.mlflow_study_sweeper._errors import SweepError, mask_url
 from hydra_plugins.mlflow_study_sweeper._faults import crash_point
 from hydra_plugins.mlflow_study_sweeper._launch import IN_PROCESS_LAUNCHERS, jobs_for
 from hydra_plugins.mlflow_study_sweeper._loop import Ending, LoopEnd, TrialLoop, terminated
+from hydra_plugins.mlflow_study_sweeper._ray import RayWorkers
 from hydra_plugins.mlflow_study_sweeper._study import check_space_unchanged, open_or_explain
 from hydra_plugins.mlflow_study_sweeper._tracking import SweepRuns
 from hydra_plugins.mlflow_study_sweeper._warm import seed_study
@@ -110,6 +111,8 @@ class SweepRun:
                 return self.sweep(plan)
         finally:
             _optuna_internals.close(self.study)
+            if plan.cluster is not None:
+                plan.cluster.shutdown()  # a Ray instance started for this sweep stops with it
 
     def sweep(self, plan: Plan) -> Any:
         study, runs, created = self.open_stores(plan)
@@ -224,11 +227,12 @@ class SweepRun:
 
     def train(self, loop: TrialLoop, runs: SweepRuns, plan: Plan) -> LoopEnd:
         """This command's trials (and its workers'); Ctrl-C or SIGTERM closes every run."""
-        workers = WorkerPool(self.s.n_jobs, on_death=lambda pid, code: self.worker_died(loop))
+        workers = self.workers(loop, plan)
         try:
             if not self.is_worker:
                 workers.start()
-            ending = loop.run()
+            # Ray's actors train while this process watches; local workers train beside it
+            ending = loop.watch(workers) if isinstance(workers, RayWorkers) else loop.run()
             workers.wait()
             return ending
         except (KeyboardInterrupt, SystemExit) as err:
@@ -278,9 +282,39 @@ class SweepRun:
             tags=_tracking.as_tags({_keys.STOPPED_BY_BUDGET: str(out_of_budget or stopped > 0)}),
         )
 
+    def workers(self, loop: TrialLoop, plan: Plan) -> WorkerPool | RayWorkers:
+        cpu, gpu = plan.resources.cpu, plan.resources.gpu
+        if plan.cluster is None:
+            return WorkerPool(
+                self.s.n_jobs, lambda pid, code: self.worker_died(loop), cpu=cpu, gpu=gpu
+            )
+        runtime_env = self.s.ray.runtime_env
+        return RayWorkers(
+            plan.cluster,
+            self.s.n_jobs,
+            cpu=cpu or 1,
+            gpu=gpu or 0,
+            runtime_env=dict(runtime_env) if runtime_env else None,
+            start_dir=self.start_dir,
+            on_death=lambda label, why: self.worker_lost(loop, label, why),
+        )
+
     def worker_died(self, loop: TrialLoop) -> bool:
         """A worker process of this command died: fail its trial now; replace it if work is left."""
         loop.recover(between_trials=False)  # called from the watcher while this process trains
+        return self.work_left(loop)
+
+    def worker_lost(self, loop: TrialLoop, label: dict[str, str] | None, why: str) -> bool:
+        """A Ray worker is gone (its node, say): fail its trial now, so that another worker
+        continues it from its checkpoint; replace the worker if work is left."""
+        if label is not None:
+            for number in _liveness.fail_trials_of(loop.study, label, why):
+                log.warning("trial %d is marked FAIL: %s", number, why)
+            loop.recover(between_trials=False)
+            loop.runs.settle(loop.study.get_trials(deepcopy=False))
+        return self.work_left(loop)
+
+    def work_left(self, loop: TrialLoop) -> bool:
         counts = _console.counts(loop.study.get_trials(deepcopy=False))
         return counts["complete"] + counts["pruned"] + counts["running"] < self.s.n_trials
 

@@ -37,6 +37,27 @@ class ChampionConf:
 
 
 @dataclass
+class ResourcesConf:
+    # what each worker (a local process, or a Ray actor) holds. cpu: cores, its torch threads
+    # (null: the machine's cores shared evenly among the local workers; 1 on Ray). gpu: GPUs,
+    # below 1 to share one GPU among several workers (0.25: four); null: locally, the visible
+    # GPUs dealt round robin (none if there are none), none on Ray
+    cpu: Any = None
+    gpu: Any = None
+
+
+@dataclass
+class RayConf:
+    # a running Ray cluster to join: auto, ray://head:10001, head:6379; null: RAY_ADDRESS if
+    # set, else a Ray instance started on this machine for this sweep and stopped at its end
+    address: Any = None
+    # Ray's runtime_env for the workers, e.g. {working_dir: ., excludes: [data, multirun]}
+    # to upload the app's folder to every node, or {pip: [...]}; null: none (the app and this
+    # sweeper installed on every node, as in a cluster's image)
+    runtime_env: Any = None
+
+
+@dataclass
 class MlflowStudySweeperConf:
     _target_: str = "hydra_plugins.mlflow_study_sweeper.mlflow_study_sweeper.MlflowStudySweeper"
     # the sweeper builds sampler, pruner and hooks itself, when the sweep starts
@@ -60,8 +81,14 @@ class MlflowStudySweeperConf:
     champion: ChampionConf = field(default_factory=ChampionConf)
     # the study ends with this many finished (complete or pruned) trials, across all workers
     n_trials: int = 20
-    # trials trained at once on this machine, each in its own worker process
+    # trials trained at once, each by its own worker: local processes (this one among them),
+    # or Ray actors (backend: ray)
     n_jobs: int = 1
+    # local: worker processes on this machine; ray: workers as Ray actors, placed by Ray on
+    # the nodes of a cluster with the resources below (pip install '...[ray]')
+    backend: str = "local"
+    resources: ResourcesConf = field(default_factory=ResourcesConf)
+    ray: RayConf = field(default_factory=RayConf)
     # sqlite:///file.db, postgresql://..., a .journal file path, or null (memory, one process);
     # SWEEP_STORAGE_URL in the environment keeps a password off the command line
     storage: Any = "${oc.env:SWEEP_STORAGE_URL,sqlite:///optuna.db}"

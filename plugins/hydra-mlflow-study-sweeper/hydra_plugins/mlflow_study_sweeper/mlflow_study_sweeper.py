@@ -8,7 +8,12 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.mlflow_study_sweeper.config import MlflowStudySweeperConf
+from hydra_plugins.mlflow_study_sweeper.config import (
+    MlflowStudySweeperConf,
+    RayConf,
+    RegistryConf,
+    ResourcesConf,
+)
 
 
 class MlflowStudySweeper(Sweeper):
@@ -17,9 +22,11 @@ class MlflowStudySweeper(Sweeper):
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
             for k, v in settings.items()
         }
-        registry = plain.pop("registry", None) or {}
+        # the nested settings as their dataclasses (champion stays a mapping: _objectives reads it)
+        nested = {"registry": RegistryConf, "resources": ResourcesConf, "ray": RayConf}
+        for key, kind in nested.items():
+            plain[key] = kind(**(plain.get(key) or {}))
         self.settings = MlflowStudySweeperConf(**plain)
-        self.settings.registry = type(self.settings.registry)(**registry)
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig

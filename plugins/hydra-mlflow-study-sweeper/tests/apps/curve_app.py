@@ -3,6 +3,7 @@ non-number result, two objectives, checkpoints. Same config.yaml; with the switc
 defaults it is app.py.
 """
 
+import os
 import time
 
 import hydra
@@ -14,6 +15,11 @@ from hydra_plugins.mlflow_study_sweeper.job import checkpoint_saved, continues, 
 @hydra.main(version_base="1.3", config_path=".", config_name="config")
 def main(cfg: DictConfig) -> float:
     value = cfg.x**2 + cfg.y**2
+    if cfg.log_env:  # where its worker placed it (Ray's CUDA_VISIBLE_DEVICES), into its run
+        import mlflow
+
+        with mlflow.start_run():
+            mlflow.set_tags({k: os.environ.get(k, "") for k in ("CUDA_VISIBLE_DEVICES",)})
     if cfg.fail_if_x_above is not None and cfg.x > cfg.fail_if_x_above:
         raise ValueError(f"x={cfg.x} is above fail_if_x_above={cfg.fail_if_x_above}")
     continuation = continues() if cfg.checkpoint else None
