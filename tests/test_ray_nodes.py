@@ -15,6 +15,9 @@ from optuna.trial import TrialState
 from servers import create_database
 
 pytest.importorskip("ray")
+# ray.cluster_utils.Cluster.shutdown kills a fake node's processes without waiting for every
+# one of them: their Popen objects, collected later, warn that they still ran
+pytestmark = pytest.mark.filterwarnings("ignore:subprocess .* is still running:ResourceWarning")
 
 
 @pytest.mark.slow

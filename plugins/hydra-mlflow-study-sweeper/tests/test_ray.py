@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from harness import check_invariant, clean_env, error_lines, ok, run_in_process, toy_app
+import yaml
+from harness import APPS, check_invariant, clean_env, error_lines, ok, run_in_process, toy_app
 from optuna.trial import TrialState
 
 from hydra_plugins.mlflow_study_sweeper import _keys
 from hydra_plugins.mlflow_study_sweeper._workers import gpu_assignment
 
 pytest.importorskip("ray")  # the [ray] extra, which the test extra installs
+# ray.cluster_utils.Cluster.shutdown kills a fake node's processes without waiting for every
+# one of them: their Popen objects, collected later, warn that they still ran
+pytestmark = pytest.mark.filterwarnings("ignore:subprocess .* is still running:ResourceWarning")
 
 
 @contextlib.contextmanager
@@ -122,17 +129,57 @@ def test_gpu_shares_pack_four_trials_on_one_declared_gpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_file_store_on_a_multi_node_cluster_is_refused_before_anything_exists(tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "journal", "tracking"])
+def test_a_file_store_on_a_multi_node_cluster_is_refused_before_anything_exists(
+    tmp_path, postgres, store
+):
+    settings = {
+        "sqlite": [],  # the toy's own: sqlite:///optuna.db and mlflow.db
+        "journal": [f"hydra.sweeper.storage={tmp_path}/optuna.journal"],
+        "tracking": [f"hydra.sweeper.storage={postgres}/postgres"],  # a shared storage...
+    }[store]  # ...and the toy's sqlite tracking store
+    said = {
+        "sqlite": "hydra.sweeper.storage=sqlite:///",
+        "journal": "hydra.sweeper.storage=/",
+        "tracking": "hydra.sweeper.tracking_uri=sqlite:///",
+    }[store]
     with fake_cluster({"num_cpus": 1}, {"num_cpus": 1}) as (cluster, _):
         toy = toy_app(tmp_path)
-        proc = toy.spawn(
-            "hydra.sweeper.backend=ray", f"hydra.sweeper.ray.address={cluster.address}"
-        )
+        address = f"hydra.sweeper.ray.address={cluster.address}"
+        proc = toy.spawn("hydra.sweeper.backend=ray", address, *settings)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         (error,) = error_lines(proc)
-        assert "hydra.sweeper.storage=sqlite:///" in error and "the other 1 node(s)" in error
-        assert "postgresql://" in error and "Traceback" not in proc.stderr
+        assert said in error and "the other 1 node(s)" in error and "Traceback" not in proc.stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_runtime_env_uploads_the_app_folder_to_the_workers(tmp_path):
+    """The app is not installed on the nodes: Ray ships its folder (working_dir)."""
+    for name in ("curve_app.py", "config.yaml", "publish.py"):
+        shutil.copy(APPS / name, tmp_path / name)
+    with fake_cluster({"num_cpus": 2}) as (cluster, _):
+        toy = toy_app(tmp_path)
+        argv = ["curve_app.py", *toy.argv(
+            "hydra.sweeper.backend=ray",
+            f"hydra.sweeper.ray.address={cluster.address}",
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.ray.runtime_env={working_dir: ., excludes: [multirun, '*.db']}",
+        )[1:]]  # fmt: skip
+        env = clean_env()
+        env["PYTHONPATH"] = env["PYTHONPATH"].replace(str(APPS), "")  # the hook from the copy
+        proc = subprocess.run(
+            [sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        ok(proc)
+    check_invariant(toy)
+    # each job ran in the workers' copy of the folder, which Ray made
+    hydra_files = list((tmp_path / "multirun").glob("*/.hydra/hydra.yaml"))
+    assert hydra_files
+    for file in hydra_files:
+        cwd = yaml.safe_load(file.read_text())["hydra"]["runtime"]["cwd"]
+        assert "working_dir_files" in cwd and cwd != str(tmp_path), cwd
+    toy.close()
 
 
 @pytest.mark.slow
@@ -198,7 +245,12 @@ def test_ray_stopped_under_a_sweep_is_one_line_and_a_rerun_resumes(tmp_path):
         assert time.monotonic() < deadline
         if "epoch 3/40" in line:  # the workers train (10 s a trial)
             break
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"])
+    # this sweep's own Ray instance, killed (`ray stop` would stop every test's Ray as well)
+    for pid in descendants(driver.pid):
+        with contextlib.suppress(OSError):
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"gcs_server" in command or b"/raylet" in command:
+                os.kill(pid, signal.SIGKILL)
     out, _ = driver.communicate(timeout=180)
     assert driver.returncode not in (0, None), out
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
@@ -207,6 +259,20 @@ def test_ray_stopped_under_a_sweep_is_one_line_and_a_rerun_resumes(tmp_path):
     ok(toy.spawn(*args))
     check_invariant(toy)
     toy.close()
+
+
+def descendants(root: int) -> set[int]:
+    parent_of = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as stat:
+                parent_of[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+    found, grown = {root}, True
+    while grown:
+        below = {pid for pid, parent in parent_of.items() if parent in found} - found
+        found |= below
+        grown = bool(below)
+    return found - {root}
 
 
 def alive(pid: int) -> bool:

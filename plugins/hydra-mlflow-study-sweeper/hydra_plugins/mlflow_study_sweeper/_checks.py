@@ -160,7 +160,10 @@ class Checks:
         """backend=ray: the cluster joined (or started) and checked; None for local workers."""
         if self.s.backend != "ray" or _contract.is_worker():
             return None
-        cluster = _ray.connect(self.s.ray.address)
+        runtime_env = self.s.ray.runtime_env
+        cluster = _ray.connect(
+            self.s.ray.address, dict(runtime_env) if runtime_env else None, self.start_dir
+        )
         try:
             _ray.check_cluster(
                 cluster, storage, tracking_uri, resources.cpu or 1, resources.gpu or 0

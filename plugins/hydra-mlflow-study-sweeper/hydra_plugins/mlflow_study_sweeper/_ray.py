@@ -80,14 +80,20 @@ class Cluster:
             self.ray.shutdown()
 
 
-def connect(address: str | None) -> Cluster:
-    """Join the cluster at `address` (or RAY_ADDRESS), or start one on this machine."""
+def connect(address: str | None, runtime_env: dict[str, Any] | None, start_dir: Path) -> Cluster:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start one on this machine; the
+    workers' runtime_env is the job's (Ray uploads a local working_dir only from ray.init)."""
     ray = import_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
+    options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+    if runtime_env:
+        options["runtime_env"] = job_runtime_env(runtime_env, start_dir)
     try:
-        # address "local": a new instance here. Token authentication and a dashboard on
-        # localhost are Ray's defaults, kept
-        context = ray.init(address=address or "local", logging_level="WARNING", log_to_driver=True)
+        if address:  # token authentication (Ray's default) stays on
+            context = ray.init(address=address, **options)
+        else:  # a new instance here, with token authentication and no dashboard: nothing to
+            # expose, and 1.8 s sooner (for a dashboard, start one with `ray start --head`)
+            context = ray.init(address="local", include_dashboard=False, **options)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SweepConfigError(
@@ -97,6 +103,16 @@ def connect(address: str | None) -> Cluster:
     alive = [n for n in ray.nodes() if n.get("Alive")]
     gcs = context.address_info.get("gcs_address", "")
     return Cluster(ray, not address, len(alive), address or "local", gcs)
+
+
+def job_runtime_env(runtime_env: dict[str, Any], start_dir: Path) -> dict[str, Any]:
+    """hydra.sweeper.ray.runtime_env, with a relative working_dir made absolute (against the
+    folder the command started in)."""
+    env = dict(runtime_env)
+    if "working_dir" in env and "://" not in str(env["working_dir"]):
+        folder = Path(str(env["working_dir"]))
+        env["working_dir"] = str(folder if folder.is_absolute() else (start_dir / folder).resolve())
+    return env
 
 
 def check_cluster(
@@ -223,17 +239,10 @@ class RayWorkers:
         return command, env
 
     def working_dir(self) -> Path:
-        folder = Path(str(self.runtime_env["working_dir"]))
-        return folder if folder.is_absolute() else (self.start_dir / folder).resolve()
+        return Path(job_runtime_env(self.runtime_env, self.start_dir)["working_dir"])
 
     def options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"num_cpus": self.cpu, "num_gpus": self.gpu}
-        if self.runtime_env:
-            env = dict(self.runtime_env)
-            if "working_dir" in env:
-                env["working_dir"] = str(self.working_dir())
-            options["runtime_env"] = env
-        return options
+        return {"num_cpus": self.cpu, "num_gpus": self.gpu}  # runtime_env: the job's (connect)
 
     def start(self) -> None:
         for slot in range(self.n_jobs):
@@ -302,7 +311,7 @@ class RayWorkers:
     def placed(self) -> list[dict[str, str]]:
         return [a.label for a in self.actors if a.label is not None]
 
-    def wait(self, poll_s: float = 0.5) -> None:
+    def wait(self, poll_s: float = 0.25) -> None:
         while self.alive():
             self.poll()
             time.sleep(poll_s)

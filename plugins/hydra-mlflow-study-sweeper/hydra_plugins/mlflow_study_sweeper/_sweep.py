@@ -232,7 +232,9 @@ class SweepRun:
             if not self.is_worker:
                 workers.start()
             # Ray's actors train while this process watches; local workers train beside it
-            ending = loop.watch(workers) if isinstance(workers, RayWorkers) else loop.run()
+            ending = (
+                loop.watch(workers, poll_s=0.25) if isinstance(workers, RayWorkers) else loop.run()
+            )
             workers.wait()
             return ending
         except (KeyboardInterrupt, SystemExit) as err:
