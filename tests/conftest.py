@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from fake_mnist import write_mnist
 from mnist_sweep import SweepDir  # (it puts the sweeper's tests' folder on sys.path)
-from servers import mlflow_server, postgres, stoppable_mlflow_server  # noqa: F401 (fixtures)
+from servers import (  # noqa: F401 (fixtures)
+    mlflow_server,
+    postgres,
+    stoppable_mlflow_server,
+    stoppable_postgres,
+)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from harness import ToyApp, toy_app
 from mlflow.tracking import MlflowClient
-from servers import mlflow_server, postgres, stoppable_mlflow_server  # noqa: F401 (fixtures)
+from servers import (  # noqa: F401 (fixtures)
+    mlflow_server,
+    postgres,
+    stoppable_mlflow_server,
+    stoppable_postgres,
+)
 
 
 @pytest.fixture(scope="session")

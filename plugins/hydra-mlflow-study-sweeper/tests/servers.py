@@ -5,6 +5,7 @@ sweeper's tests and the MNIST app's (its conftest imports these fixtures).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -45,9 +46,7 @@ def _postgres_bin() -> Path | None:
     return found[-1].parent if found else None
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """A PostgreSQL server on loopback for the session (installed from Debian if missing)."""
+def _install_postgres() -> Path:
     pg_bin = _postgres_bin()
     if pg_bin is None and os.geteuid() == 0 and shutil.which("apt-get"):
         subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
@@ -60,28 +59,64 @@ def postgres():
         pg_bin = _postgres_bin()
     if pg_bin is None:
         pytest.fail("PostgreSQL is not installed: apt-get install postgresql (needs root)")
-    # its own folder outside pytest's root-only tmp tree: the server runs as user postgres
-    folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-pg-"))
-    as_postgres = os.geteuid() == 0
-    if as_postgres:
-        shutil.chown(folder, "postgres")
+    return pg_bin
 
-    def pg(*command: str) -> None:
+
+class PostgresServer:
+    """A PostgreSQL server of its own on loopback (installed from Debian if missing), which a
+    test may stop as a crash would (`pg_ctl -m immediate`) and start again on the same port."""
+
+    def __init__(self) -> None:
+        self.bin = _install_postgres()
+        # its own folder outside pytest's root-only tmp tree: the server runs as user postgres
+        self.folder = Path(tempfile.mkdtemp(prefix="mnist-sweep-pg-"))
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            shutil.chown(self.folder, "postgres")
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
+        self.pg(f"{self.bin}/initdb", "-D", f"{self.folder}/data", "-A", "trust", "-U", "postgres")
+        self.start()
+
+    def pg(self, *command: str) -> None:
         line = " ".join(command)
-        argv = ["su", "postgres", "-c", line] if as_postgres else ["bash", "-c", line]
+        argv = ["su", "postgres", "-c", line] if self.as_postgres else ["bash", "-c", line]
         subprocess.run(argv, check=True, capture_output=True)
 
-    port = free_port()
-    pg(f"{pg_bin}/initdb", "-D", f"{folder}/data", "-A", "trust", "-U", "postgres")
-    pg(
-        f"{pg_bin}/pg_ctl", "-D", f"{folder}/data", "-w", "-l", f"{folder}/log",
-        "-o", f"'-p {port} -k {folder} -h 127.0.0.1'", "start",
-    )  # fmt: skip
+    def start(self) -> None:
+        self.pg(
+            f"{self.bin}/pg_ctl", "-D", f"{self.folder}/data", "-w", "-l", f"{self.folder}/log",
+            "-o", f"'-p {self.port} -k {self.folder} -h 127.0.0.1'", "start",
+        )  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        """`immediate`: every backend killed, no checkpoint; what a crash or failover does."""
+        self.pg(f"{self.bin}/pg_ctl", "-D", f"{self.folder}/data", "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on loopback for the session (installed from Debian if missing)."""
+    server = PostgresServer()
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}"
+        yield server.url
     finally:
-        pg(f"{pg_bin}/pg_ctl", "-D", f"{folder}/data", "-m", "fast", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
+        server.remove()
+
+
+@pytest.fixture
+def stoppable_postgres():
+    """A PostgreSQL server of this test's own, which it may stop and start."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.remove()
 
 
 def create_database(server_url: str, name: str) -> str:

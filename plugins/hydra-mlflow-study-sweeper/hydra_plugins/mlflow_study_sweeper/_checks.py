@@ -19,6 +19,7 @@ from hydra_plugins.mlflow_study_sweeper import _contract, _ray, _space, _trackin
 from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError
 from hydra_plugins.mlflow_study_sweeper._launch import IN_PROCESS_LAUNCHERS
 from hydra_plugins.mlflow_study_sweeper._objectives import MULTI_OBJECTIVE_REFUSED, Objectives
+from hydra_plugins.mlflow_study_sweeper._outage import DEFAULT_LIMIT_S
 from hydra_plugins.mlflow_study_sweeper._samplers import make_pruner, make_sampler
 from hydra_plugins.mlflow_study_sweeper._study import check_storage
 from hydra_plugins.mlflow_study_sweeper._warm import check_enqueue
@@ -47,6 +48,7 @@ class Plan:
     experiment_name: str
     objectives: Objectives
     timeout_s: float | None = None
+    storage_outage_limit_s: float = DEFAULT_LIMIT_S
     enqueue: list | None = None
     resources: Resources = field(default_factory=lambda: Resources(None, None))
     cluster: Any = None  # the Ray cluster (_ray.Cluster) of backend=ray; None: local workers
@@ -93,10 +95,15 @@ class Checks:
             experiment_name=str(s.experiment_name or self.config.hydra.job.name),
             objectives=objectives,
             timeout_s=parse_duration(s.timeout),
+            storage_outage_limit_s=self.outage_limit(),
             enqueue=check_enqueue(s.enqueue, space),
             resources=resources,
             cluster=cluster,
         )
+
+    def outage_limit(self) -> float:
+        limit = parse_duration(self.s.storage_outage_limit, "storage_outage_limit")
+        return DEFAULT_LIMIT_S if limit is None else limit
 
     def check_numbers(self) -> None:
         s = self.s
@@ -276,8 +283,8 @@ class Checks:
         return cfg
 
 
-def parse_duration(value: Any) -> float | None:
-    """hydra.sweeper.timeout: 90, 90s, 45m, 2h, 1d -> seconds; null -> None."""
+def parse_duration(value: Any, key: str = "timeout") -> float | None:
+    """hydra.sweeper.timeout (or `key`): 90, 90s, 45m, 2h, 1d -> seconds; null -> None."""
     if value is None:
         return None
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
@@ -288,7 +295,7 @@ def parse_duration(value: Any) -> float | None:
     )
     if not 0 < seconds < math.inf:
         raise SweepConfigError(
-            f"hydra.sweeper.timeout={value!r} is not a duration: use seconds or a number with "
+            f"hydra.sweeper.{key}={value!r} is not a duration: use seconds or a number with "
             f"s, m, h or d, e.g. 45m or 2h"
         )
     return seconds

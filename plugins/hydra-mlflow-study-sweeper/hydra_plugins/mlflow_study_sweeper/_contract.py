@@ -25,6 +25,7 @@ MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
 # written on a command line (a URL may hold a password) --
 STORAGE_URL = "SWEEP_STORAGE_URL"  # also the default of hydra.sweeper.storage
 PRUNER = "SWEEP_PRUNER"  # the pruner's settings, as JSON
+STORAGE_OUTAGE_LIMIT = "SWEEP_STORAGE_OUTAGE_LIMIT"  # seconds a storage call waits for a server
 DEADLINE = "SWEEP_DEADLINE"  # the time budget's end, in seconds since the epoch
 WORKER = "SWEEP_WORKER"  # "1" in an n_jobs worker process: it trains, it does not end the sweep
 WORKER_ARG = "SWEEP_ARG_{index}"  # a worker's command-line argument that held a password

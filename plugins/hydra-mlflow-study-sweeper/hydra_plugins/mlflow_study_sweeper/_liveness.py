@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hydra_plugins.mlflow_study_sweeper import _contract, _keys, _optuna_internals
+from hydra_plugins.mlflow_study_sweeper import _contract, _keys, _optuna_internals, _outage
 from hydra_plugins.mlflow_study_sweeper._study import fail_trial
 
 # a trial shorter than this never writes a heartbeat: a toy trial costs no extra write
@@ -108,19 +108,23 @@ def fail_orphaned_trials(
         return []
     me, now = machine_key(), datetime.datetime.now()
     ages = _optuna_internals.heartbeat_ages(study) if watched(study) else {}
+    # after a storage outage, no worker could beat while it lasted: silence is judged again
+    # once every worker has had the grace to beat since
+    judge_silence = _outage.calm(grace_s)
     found = []
     for trial in running:
         host, pid = _keys.worker(trial)
         trial_id = _optuna_internals.trial_id(trial)
         started = trial.datetime_start
         old = started is not None and (now - started).total_seconds() > grace_s + FIRST_BEAT_S
+        old = old and judge_silence
         age = ages.get(trial_id)
         reason = None
         if host == me and pid is not None and not pid_alive(int(pid)):
             reason = f"its worker (pid {pid}) died while training"
         elif host == me and pid is not None and int(pid) == os.getpid() and own_trials_are_dead:
             reason = "its worker (this process) was interrupted before it recorded the end"
-        elif host != me and age is not None and age > grace_s:
+        elif host != me and age is not None and age > grace_s and judge_silence:
             reason = f"its worker ({host_name(host)}, pid {pid}) stopped sending heartbeats"
             reason += f" for {grace_s}s"
         elif host is not None and host != me and trial_id in ages and age is None and old:

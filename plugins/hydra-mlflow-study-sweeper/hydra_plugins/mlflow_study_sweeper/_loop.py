@@ -7,6 +7,7 @@ is opened and closed through SweepRuns; the loop returns how it ended.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -37,6 +38,7 @@ from hydra_plugins.mlflow_study_sweeper._errors import SweepStopped
 from hydra_plugins.mlflow_study_sweeper._faults import crash_point
 from hydra_plugins.mlflow_study_sweeper._launch import Jobs, job_error
 from hydra_plugins.mlflow_study_sweeper._objectives import Objectives, ReturnFormError
+from hydra_plugins.mlflow_study_sweeper._outage import StorageUnreachable
 from hydra_plugins.mlflow_study_sweeper._samplers import ExhaustibleGridSampler
 from hydra_plugins.mlflow_study_sweeper._study import fail_trial, optuna_quietly
 from hydra_plugins.mlflow_study_sweeper._tracking import SweepRuns
@@ -90,6 +92,7 @@ class TrialLoop:
     n_jobs: int = 1  # workers on this machine, for the time left
     first_number: int = 0
     last: tuple[FrozenTrial, float] | None = None  # the last trial and its seconds, not printed
+    in_flight: str | None = None  # the run of the trial being trained, until it is told
 
     def __post_init__(self) -> None:
         # the failure budget counts the failures of trials asked since this command started,
@@ -156,6 +159,14 @@ class TrialLoop:
                     "lines above say why); rerun the command to resume"
                 )
             time.sleep(poll_s)
+
+    def abandon(self, why: str) -> None:
+        """The sweep stops with a trial in flight whose end the storage could not record: its
+        run is closed KILLED, not left RUNNING; the rerun fails the trial and settles the run."""
+        if self.in_flight is not None:
+            tags = {_keys.STATE: "FAIL", _keys.FAILURE_REASON: why}
+            self.runs.trial_ended(self.in_flight, "KILLED", tags)
+            self.in_flight = None
 
     def recover(self, between_trials: bool = True, trials: list[FrozenTrial] | None = None) -> bool:
         """Fail the trials whose worker died, and close their runs; True if there were any."""
@@ -232,6 +243,7 @@ class TrialLoop:
         """Run one trial from its run's start to its end; return it as it ended."""
         trial_id = _optuna_internals.trial_id(trial)
         run_id = self.runs.trial_started(trial.number, trial.params)
+        self.in_flight = run_id
         trial.set_user_attr(_keys.RUN_ID, run_id)
         crash_point("after-run-start")
         env = _contract.job_environment(
@@ -253,12 +265,14 @@ class TrialLoop:
         except (KeyboardInterrupt, SystemExit) as err:
             why = "stopped by SIGTERM" if terminated.is_set() else "interrupted by Ctrl-C"
             reason = f"{why} while training"
-            fail_trial(self.study, trial_id, "interrupted", reason)
+            with contextlib.suppress(StorageUnreachable):  # the rerun fails it then
+                fail_trial(self.study, trial_id, "interrupted", reason)
             self.runs.trial_ended(
                 run_id,
                 "KILLED",
                 {_keys.STATE: "FAIL", _keys.FAILURE_REASON: f"{why} ({type(err).__name__})"},
             )
+            self.in_flight = None
             raise
         except Exception as err:  # the launcher itself failed; the failure budget decides
             outcome = Outcome(TrialState.FAIL, kind="error", reason=f"{type(err).__name__}: {err}")
@@ -269,6 +283,7 @@ class TrialLoop:
                 self.progress.clear()
         crash_point("after-job")
         frozen = self.tell(trial, run_id, outcome)
+        self.in_flight = None
         if outcome.stop:
             raise SweepStopped(
                 f"trial {trial.number}: {outcome.reason}. Every trial would fail the same way: "

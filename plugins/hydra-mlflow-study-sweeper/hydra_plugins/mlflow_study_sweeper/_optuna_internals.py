@@ -14,7 +14,7 @@ import datetime
 import fcntl
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,93 @@ def set_intermediate_value(study: optuna.Study, trial_id: int, step: int, value:
     study._storage.set_trial_intermediate_value(trial_id, step, value)
 
 
+# ---- a storage whose calls wait out an outage of its database server ---------------------------
+# BaseStorage's calls that read or write the database, and the one private method that Optuna's
+# cache calls on the storage under it
+_RETRIED = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial_number_from_id",
+    "get_trial_param",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial",
+    "get_all_trials",
+    "get_n_trials",
+    "get_best_trial",
+    "get_trial_params",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "_get_trials",
+)
+Call = Callable[[Callable[[bool], Any]], Any]
+
+
+class RetryingRDBStorage(RDBStorage):
+    """An RDBStorage whose every database call goes through `call` (see _outage.Outages.call),
+    which repeats it while the server cannot be reached. A heartbeat is tried once: the thread
+    that beats must not stall, and its next beat comes soon."""
+
+    def __init__(self, url: str, call: Call, **kwargs: Any) -> None:
+        self._call = call
+        call(lambda retrying: RDBStorage.__init__(self, url, **kwargs))
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state.pop("_call", None)  # a process's own; one unpickled elsewhere calls once
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        self._call = lambda fn: fn(False)
+        super().__setstate__(state)
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        def attempt(retrying: bool) -> bool:
+            try:
+                return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # the attempt before this one was committed, and its answer lost with the
+                # connection: the trial ended as asked
+                if retrying and RDBStorage.get_trial(self, trial_id).state == state:
+                    return True
+                raise
+
+        return self._call(attempt)
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    method = getattr(RDBStorage, name)
+
+    def retried(self: RetryingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._call(lambda retrying: method(self, *args, **kwargs))
+
+    retried.__name__ = retried.__qualname__ = name
+    retried.__doc__ = method.__doc__
+    return retried
+
+
+for _name in _RETRIED:
+    setattr(RetryingRDBStorage, _name, _retried(_name))
+
+
+def _call_of(rdb: RDBStorage) -> Call:
+    return rdb._call if isinstance(rdb, RetryingRDBStorage) else lambda fn: fn(False)
+
+
 # ---- exactly one writer among many processes ---------------------------------------------------
 def insert_once(study: optuna.Study, key: str, value: Any) -> bool:
     """Set the study system attribute `key` if no process has: True for exactly one of them.
@@ -93,16 +180,21 @@ def insert_once(study: optuna.Study, key: str, value: Any) -> bool:
         from optuna.storages._rdb import models
 
         table = models.StudySystemAttributeModel.__table__
-        try:
-            with rdb.engine.begin() as connection:
-                connection.execute(
-                    sqlalchemy.insert(table).values(
-                        study_id=study._study_id, key=key, value_json=json.dumps(value)
+
+        def attempt(retrying: bool) -> bool:
+            try:
+                with rdb.engine.begin() as connection:
+                    connection.execute(
+                        sqlalchemy.insert(table).values(
+                            study_id=study._study_id, key=key, value_json=json.dumps(value)
+                        )
                     )
-                )
-        except sqlalchemy.exc.IntegrityError:
-            return False
-        return True
+            except sqlalchemy.exc.IntegrityError:
+                # an attempt before this one inserted it, and its answer was lost
+                return retrying and _read_attr(rdb, study._study_id, key) == json.dumps(value)
+            return True
+
+        return _call_of(rdb)(attempt)
     with study_lock(study):
         if key in study_system_attrs(study):
             return False
@@ -118,20 +210,41 @@ def replace_if(study: optuna.Study, key: str, old: Any, new: Any) -> bool:
         from optuna.storages._rdb import models
 
         table = models.StudySystemAttributeModel.__table__
-        with rdb.engine.begin() as connection:
-            result = connection.execute(
-                sqlalchemy.update(table)
-                .where(table.c.study_id == study._study_id)
-                .where(table.c.key == key)
-                .where(table.c.value_json == json.dumps(old))
-                .values(value_json=json.dumps(new))
-            )
-        return result.rowcount == 1
+
+        def attempt(retrying: bool) -> bool:
+            with rdb.engine.begin() as connection:
+                result = connection.execute(
+                    sqlalchemy.update(table)
+                    .where(table.c.study_id == study._study_id)
+                    .where(table.c.key == key)
+                    .where(table.c.value_json == json.dumps(old))
+                    .values(value_json=json.dumps(new))
+                )
+            if result.rowcount == 1:
+                return True
+            # an attempt before this one swapped it, and its answer was lost
+            return retrying and _read_attr(rdb, study._study_id, key) == json.dumps(new)
+
+        return _call_of(rdb)(attempt)
     with study_lock(study):
         if study_system_attrs(study).get(key) != old:
             return False
         set_study_system_attr(study, key, new)
         return True
+
+
+def _read_attr(rdb: RDBStorage, study_id: int, key: str) -> str | None:
+    """A study system attribute's stored JSON, read past Optuna's cache."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    table = models.StudySystemAttributeModel.__table__
+    with rdb.engine.connect() as connection:
+        return connection.execute(
+            sqlalchemy.select(table.c.value_json)
+            .where(table.c.study_id == study_id)
+            .where(table.c.key == key)
+        ).scalar()
 
 
 @contextlib.contextmanager
@@ -184,8 +297,12 @@ def heartbeat_ages(study: optuna.Study) -> dict[int, float | None]:
         .where(trials.c.study_id == study._study_id)
         .where(trials.c.state == TrialState.RUNNING)
     )
-    with rdb.engine.connect() as connection:
-        rows = connection.execute(query).all()
+
+    def attempt(retrying: bool) -> list[Any]:
+        with rdb.engine.connect() as connection:
+            return connection.execute(query).all()
+
+    rows = _call_of(rdb)(attempt)
     ages: dict[int, float | None] = {}
     for trial, beat, now in rows:
         if beat is None:

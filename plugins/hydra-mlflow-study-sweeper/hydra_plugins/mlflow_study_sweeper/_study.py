@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hydra_plugins.mlflow_study_sweeper import _keys, _optuna_internals
+from hydra_plugins.mlflow_study_sweeper import _keys, _optuna_internals, _outage
 from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError, SweepError, mask_url
 from hydra_plugins.mlflow_study_sweeper._objectives import Objectives
 from hydra_plugins.mlflow_study_sweeper._space import describe
@@ -37,11 +37,27 @@ def optuna_quietly() -> Iterator[None]:
 
 
 def make_storage(
-    url: str | None, heartbeat_interval: int = 10, grace: int = 60
+    url: str | None,
+    heartbeat_interval: int = 10,
+    grace: int = 60,
+    outage_limit_s: float | None = None,
 ) -> optuna.storages.BaseStorage | None:
+    """The storage at `url`. One on a database server waits out the server's outages, up to
+    `outage_limit_s` (see _outage); `None` keeps the limit this process already has for it."""
     if url is None:
         return None
-    if url.startswith(("sqlite", "postgresql", "mysql")):
+    if _outage.has_server(url):
+        connect_args = {"connect_timeout": 10}  # a host that is gone must not hang a call
+        with optuna_quietly():
+            return _optuna_internals.RetryingRDBStorage(
+                url,
+                _outage.outages(url, outage_limit_s).call,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace,
+                # connections the pool kept from before a restart are tested, and replaced
+                engine_kwargs={"pool_pre_ping": True, "connect_args": connect_args},
+            )
+    if url.startswith("sqlite"):
         path = sqlite_path(url)
         if path is not None:
             create_whole(path, f"optuna-{optuna.__version__}-empty.db", _empty, _empty)
@@ -192,12 +208,13 @@ def open_or_explain(
     pruner: optuna.pruners.BasePruner,
     creator: dict[str, str],
     heartbeat: tuple[int, int],
+    outage_limit_s: float | None = None,
     attempts: int = 5,
 ) -> tuple[optuna.Study, bool]:
     """open_study on the storage at `url`; a storage that cannot open is one SweepConfigError."""
     for attempt in range(attempts):
         try:
-            storage = make_storage(url, *heartbeat)
+            storage = make_storage(url, *heartbeat, outage_limit_s=outage_limit_s)
             return open_study(name, storage, objectives, sampler, pruner, creator)
         except SweepError:
             raise

@@ -34,6 +34,7 @@ from hydra_plugins.mlflow_study_sweeper._errors import SweepError, mask_url
 from hydra_plugins.mlflow_study_sweeper._faults import crash_point
 from hydra_plugins.mlflow_study_sweeper._launch import IN_PROCESS_LAUNCHERS, jobs_for
 from hydra_plugins.mlflow_study_sweeper._loop import Ending, LoopEnd, TrialLoop, terminated
+from hydra_plugins.mlflow_study_sweeper._outage import StorageUnreachable
 from hydra_plugins.mlflow_study_sweeper._ray import RayWorkers
 from hydra_plugins.mlflow_study_sweeper._study import check_space_unchanged, open_or_explain
 from hydra_plugins.mlflow_study_sweeper._tracking import SweepRuns
@@ -155,6 +156,7 @@ class SweepRun:
             plan.pruner,
             creator=_liveness.worker_label(),
             heartbeat=(self.s.heartbeat_interval, self.s.heartbeat_grace),
+            outage_limit_s=plan.storage_outage_limit_s,
         )
         self.study = study
         crash_point("study-created")
@@ -175,6 +177,7 @@ class SweepRun:
         mlflow.set_tracking_uri(plan.tracking_uri)
         if plan.storage_url:
             os.environ[_contract.STORAGE_URL] = plan.storage_url
+            os.environ[_contract.STORAGE_OUTAGE_LIMIT] = str(plan.storage_outage_limit_s)
         os.environ[_contract.PRUNER] = json.dumps(self.s.pruner)
         return study, SweepRuns(client, experiment, study.study_name), created
 
@@ -251,6 +254,14 @@ class SweepRun:
             if not self.is_worker:
                 runs.close_parent("KILLED", {_keys.SWEEP_STATE: "interrupted"})
             sys.exit(code)
+        except StorageUnreachable as err:
+            # nothing can be read or written in the study; the runs are closed, and the rerun
+            # fails the trial that was in flight and settles its run
+            workers.stop()
+            loop.abandon(f"the sweep stopped: {err}"[:500])
+            if not self.is_worker:
+                runs.close_parent("FAILED", {_keys.SWEEP_STATE: "storage_unreachable"})
+            raise
         except BaseException:
             workers.stop()
             loop.recover()
@@ -303,8 +314,11 @@ class SweepRun:
 
     def worker_died(self, loop: TrialLoop) -> bool:
         """A worker process of this command died: fail its trial now; replace it if work is left."""
-        loop.recover(between_trials=False)  # called from the watcher while this process trains
-        return self.work_left(loop)
+        try:
+            loop.recover(between_trials=False)  # called from the watcher while this trains
+            return self.work_left(loop)
+        except StorageUnreachable:
+            return False  # this process stops with the same error; the rerun recovers
 
     def worker_lost(self, loop: TrialLoop, label: dict[str, str] | None, why: str) -> bool:
         """A Ray worker is gone (its node, say): fail its trial now, so that another worker

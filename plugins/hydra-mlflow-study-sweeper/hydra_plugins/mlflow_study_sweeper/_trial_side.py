@@ -144,7 +144,8 @@ def reporter_from_environment(trial: _contract.TrialInfo) -> TrialReporter:
         )
     pruner = make_pruner(json.loads(os.environ.get(_contract.PRUNER, "null")))
     with optuna_quietly():
-        storage = make_storage(url)
+        limit = os.environ.get(_contract.STORAGE_OUTAGE_LIMIT)
+        storage = make_storage(url, outage_limit_s=float(limit) if limit else None)
         study = optuna.load_study(study_name=trial.study_name, storage=storage, pruner=pruner)
     return TrialReporter(study, trial.trial_id)
 

@@ -130,6 +130,10 @@ class MlflowStudySweeperConf:
     # any worker of the study (a worker on another machine died)
     heartbeat_interval: int = 10
     heartbeat_grace: int = 60
+    # a PostgreSQL or MySQL storage that cannot be reached (a restart, a failover): calls wait
+    # for it this long (10m, 1h, seconds), then the sweep stops with one Error line and a rerun
+    # resumes. Heartbeats are not judged until `heartbeat_grace` after it is back
+    storage_outage_limit: Any = "10m"
 
 
 # `mlflow_study`: no other Hydra plugin on PyPI registers this sweeper name (checked on

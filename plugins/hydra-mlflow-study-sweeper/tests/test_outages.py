@@ -1,0 +1,258 @@
+"""The services a sweep depends on go away and come back: a PostgreSQL storage restarted (as a
+crash or a failover does it, `pg_ctl -m immediate`), for less and for more than the limit.
+
+Each test runs real sweeps as processes of their own against a PostgreSQL server of its own,
+stopped at a named moment: when both workers are training.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+from harness import ToyApp, check_invariant, error_lines, toy_app
+from optuna.trial import TrialState
+from servers import create_database
+
+# heartbeats every second, judged after 4: an outage of 30 s is many times the grace
+FAST_HEARTBEATS = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.heartbeat_grace=4")
+
+
+class Output:
+    """A process's merged output, read as it comes (a test waits for a line)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.proc.poll() is None, self.text()
+            assert time.monotonic() < deadline, f"no {text!r} in:\n{self.text()}"
+            time.sleep(0.1)
+
+    def finish(self, timeout: float = 600) -> str:
+        self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        self.proc.stdout.close()
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+
+def sweep_on(tmp_path, server, name: str) -> ToyApp:
+    return toy_app(tmp_path, storage=create_database(server.url, name))
+
+
+def two_hosts(toy: ToyApp, *overrides: str) -> tuple[Output, Output]:
+    """This machine's sweep and a worker that looks like another machine's (its trials are
+    watched through heartbeats), both training before this returns."""
+    args = (*FAST_HEARTBEATS, "epochs=8", "epoch_seconds=1", *overrides)
+    here = Output(toy.popen(*args))
+    here.wait_for("epoch 1/8")
+    there = Output(toy.popen(*args, env={"SWEEP_HOST_ID": "host-b"}))
+    there.wait_for("epoch 1/8")
+    return here, there
+
+
+def outage(server, seconds: float) -> float:
+    """Crash the server, keep it down `seconds`, start it; returns how long it was down."""
+    server.stop("immediate")
+    down = time.monotonic()
+    time.sleep(seconds)
+    server.start()
+    return time.monotonic() - down
+
+
+def rides_it_out(toy: ToyApp, outputs: tuple[Output, Output], n_trials: int) -> None:
+    for out in outputs:
+        text = out.finish()
+        assert out.proc.returncode == 0, text
+        assert "Traceback" not in text, text
+        # one line when the storage went, one when it came back
+        assert out.count("The Optuna storage postgresql://") == 1, text
+        assert out.count("is unreachable") == 1 and out.count("is back after") == 1, text
+    check_invariant(toy, n_trials=n_trials)
+    trials = toy.study().get_trials()
+    # no trial failed for the outage: not its job, not its heartbeat, not the host that judged
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [(t.number, t.user_attrs.get("fail_reason")) for t in failed] == []
+    assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == len(trials)
+
+
+@pytest.mark.slow
+def test_postgres_down_for_30_s_costs_the_wait_and_nothing_else(tmp_path, stoppable_postgres):
+    toy = sweep_on(tmp_path, stoppable_postgres, "outage30")
+    try:
+        outputs = two_hosts(toy, "hydra.sweeper.n_trials=4")
+        seconds = outage(stoppable_postgres, 30)
+        print(f"PostgreSQL was down for {seconds:.0f} s while two hosts trained")
+        rides_it_out(toy, outputs, n_trials=4)
+    finally:
+        toy.close()
+
+
+@pytest.mark.outage
+def test_postgres_down_for_3_min_costs_the_wait_and_nothing_else(tmp_path, stoppable_postgres):
+    toy = sweep_on(tmp_path, stoppable_postgres, "outage180")
+    try:
+        outputs = two_hosts(toy, "hydra.sweeper.n_trials=4")
+        seconds = outage(stoppable_postgres, 180)
+        print(f"PostgreSQL was down for {seconds:.0f} s while two hosts trained")
+        rides_it_out(toy, outputs, n_trials=4)
+    finally:
+        toy.close()
+
+
+@pytest.mark.slow
+def test_postgres_down_past_the_limit_is_one_error_and_a_rerun_resumes(
+    tmp_path, stoppable_postgres
+):
+    toy = sweep_on(tmp_path, stoppable_postgres, "outage_limit")
+    try:
+        args = ("hydra.sweeper.storage_outage_limit=8s", "epochs=8", "epoch_seconds=1")
+        out = Output(toy.popen(*args))
+        out.wait_for("epoch 2/8")
+        stoppable_postgres.stop("immediate")
+        text = out.finish(timeout=120)
+        stoppable_postgres.start()
+        assert out.proc.returncode == 1, text
+        assert "Traceback" not in text, text
+        errors = [line for line in text.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1, text
+        assert "unreachable for more than 8 s (hydra.sweeper.storage_outage_limit)" in errors[0]
+        assert "rerun the same command to resume" in errors[0]
+        # nothing is left RUNNING in MLflow: the parent failed, the trial's run was killed
+        runs = toy.all_runs()
+        assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+        (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "sweep"]
+        assert parent.data.tags["sweep.state"] == "storage_unreachable"
+        rerun = toy.spawn(*args)
+        assert rerun.returncode == 0 and error_lines(rerun) == [], rerun.stderr[-3000:]
+        check_invariant(toy)
+        # the trial in flight was failed by the rerun, its run closed as it: one FAIL, no more
+        failed = [t for t in toy.study().get_trials() if t.state == TrialState.FAIL]
+        assert [t.number for t in failed] == [0]
+        assert "died while training" in failed[0].user_attrs["fail_reason"]
+    finally:
+        toy.close()
+
+
+# ---- the retry policy and the storage's calls, without a sweep ----------------------------------
+def closed_port_error() -> Exception:
+    """What SQLAlchemy raises for a PostgreSQL server that is not there (a real refusal)."""
+    import sqlalchemy
+    from servers import free_port
+
+    engine = sqlalchemy.create_engine(f"postgresql+psycopg://x@127.0.0.1:{free_port()}/x")
+    try:
+        engine.connect()
+    except Exception as err:
+        return err
+    finally:
+        engine.dispose()
+    raise AssertionError("a closed port accepted a connection")
+
+
+def test_a_refused_connection_is_waited_for_and_a_constraint_is_not(tmp_path):
+    import sqlalchemy
+
+    from hydra_plugins.mlflow_study_sweeper._outage import unreachable
+
+    assert unreachable(closed_port_error())
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path}/x.db")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("create table t (k integer primary key)")
+        connection.exec_driver_sql("insert into t values (1)")
+    with pytest.raises(sqlalchemy.exc.IntegrityError) as info, engine.begin() as connection:
+        connection.exec_driver_sql("insert into t values (1)")
+    assert not unreachable(info.value)
+    engine.dispose()
+
+
+def test_the_limit_stops_every_later_call_with_one_message(capsys):
+    from hydra_plugins.mlflow_study_sweeper._outage import Outages, StorageUnreachable
+
+    refused = closed_port_error()
+    outages = Outages("postgresql://u:secret@db/x", limit_s=1.2)
+    calls = []
+
+    def down(retrying: bool) -> None:
+        calls.append(retrying)
+        raise refused
+
+    with pytest.raises(StorageUnreachable) as info:
+        outages.call(down)
+    assert calls[0] is False and all(calls[1:]) and len(calls) >= 2
+    message = str(info.value)
+    assert "postgresql://u:***@db/x was unreachable for more than 1 s" in message
+    assert "secret" not in message and "rerun the same command to resume" in message
+    # once given up, a call raises at once, without trying
+    with pytest.raises(StorageUnreachable):
+        outages.call(lambda retrying: calls.append("tried"))
+    assert "tried" not in calls
+    err = capsys.readouterr().err
+    assert err.count("is unreachable") == 1 and "Connection refused" in err
+
+
+def test_an_outage_then_an_answer_says_so_once_and_keeps_heartbeats_unjudged(capsys):
+    from hydra_plugins.mlflow_study_sweeper._outage import Outages
+
+    refused = closed_port_error()
+    outages = Outages("postgresql://db/x", limit_s=60)
+    attempts = iter([refused, refused, None])
+
+    def flaky(retrying: bool) -> str:
+        err = next(attempts)
+        if err is not None:
+            raise err
+        return "answered"
+
+    assert outages.call(flaky) == "answered"
+    err = capsys.readouterr().err
+    assert err.count("is unreachable") == 1 and err.count("is back after") == 1
+    assert not outages.calm(grace_s=60)  # silence is not judged within the grace after it
+    assert outages.calm(grace_s=0)
+
+
+def lost_answers(fn):
+    """A call policy whose first attempt is applied, then its answer lost with the connection:
+    the attempt runs again, told that it is retrying (what a dropped commit does)."""
+    fn(False)
+    return fn(True)
+
+
+def test_writes_whose_answer_was_lost_are_not_counted_twice_nor_refused(tmp_path):
+    import optuna
+
+    from hydra_plugins.mlflow_study_sweeper import _optuna_internals as internals
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    # a lost create_new_study reads as "it exists" on the retry: the sweep then loads it, and
+    # finds no creator's parent run to wait for (tests/test_lifecycle.py's kills cover that)
+    optuna.create_study(study_name="s", storage=url)
+    storage = internals.RetryingRDBStorage(url, lost_answers)
+    study = optuna.load_study(study_name="s", storage=storage)
+    # the claim of the end: inserted by the lost attempt, found ours by the retry
+    assert internals.insert_once(study, "claim", {"pid": 1}) is True
+    assert internals.insert_once(study, "claim", {"pid": 2}) is False  # another's: refused
+    assert internals.replace_if(study, "claim", {"pid": 1}, {"pid": 3}) is True
+    assert internals.replace_if(study, "claim", {"pid": 1}, {"pid": 4}) is False
+    trial = study.ask()
+    # told COMPLETE by the lost attempt; the retry finds it finished as asked
+    assert internals.set_trial_state(study, internals.trial_id(trial), TrialState.COMPLETE)
+    assert study.get_trials()[0].state == TrialState.COMPLETE
+    internals.close(study)
