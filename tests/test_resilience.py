@@ -315,3 +315,44 @@ def test_same_seed_same_trials_and_metrics(tmp_path, mnist_root):
         )
     assert results[0] == results[1]
     assert re.search(r"\d", str(results[0]))
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_away_while_the_cnn_trains_costs_no_trial_and_loses_nothing(
+    sweep, stoppable_mlflow_server, tmp_path
+):
+    """Stopped after the first epoch, started once every trial has finished: the trials trained
+    on, their metrics, checkpoints and weights reached the server afterwards, and the end ran."""
+    server = stoppable_mlflow_server
+    sweep.tracking_uri = server.url
+    proc = sweep.popen(
+        "hydra.sweeper.n_trials=3",
+        *STEADY,
+        env={"SWEEP_JOURNAL_DIR": str(tmp_path / "journal")},
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[trial 0] epoch 1/4"):
+            server.stop()
+        if "Waiting for the MLflow server" in line:
+            break  # every trial finished while it was away; the end waits for it
+    assert proc.poll() is None, "".join(lines)
+    server.start()
+    out = "".join(lines) + proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    assert "is unreachable" in out and "is back after" in out and "Traceback" not in out
+    study = sweep.study()
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 3
+    client = sweep.client()
+    for trial in study.get_trials():
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert len(client.get_metric_history(run_id, "val_acc")) == 4
+        assert client.get_run(run_id).info.status == "FINISHED"
+        # each trial's weights; its per-epoch checkpoints were tidied when it finished
+        assert [f.path for f in client.list_artifacts(run_id, "checkpoint")] == [
+            "checkpoint/model.pt"
+        ]
+        assert client.list_artifacts(run_id, "resume") == []
+    assert_nothing_running(sweep)
+    assert len(client.search_model_versions("name='mnist-cnn'")) == 1

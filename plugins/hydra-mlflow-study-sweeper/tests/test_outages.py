@@ -1,8 +1,9 @@
 """The services a sweep depends on go away and come back: a PostgreSQL storage restarted (as a
-crash or a failover does it, `pg_ctl -m immediate`), for less and for more than the limit.
+crash or a failover does it, `pg_ctl -m immediate`), for less and for more than the limit; an
+`mlflow server` stopped for longer than MLflow's own retries, and a sweep killed meanwhile.
 
-Each test runs real sweeps as processes of their own against a PostgreSQL server of its own,
-stopped at a named moment: when both workers are training.
+Each test runs real sweeps as processes of their own against servers of its own, stopped at a
+named moment (a line the sweep prints).
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def test_postgres_down_past_the_limit_is_one_error_and_a_rerun_resumes(
         assert "Traceback" not in text, text
         errors = [line for line in text.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1, text
-        assert "unreachable for more than 8 s (hydra.sweeper.storage_outage_limit)" in errors[0]
+        assert "unreachable for more than 8s (hydra.sweeper.storage_outage_limit)" in errors[0]
         assert "rerun the same command to resume" in errors[0]
         # nothing is left RUNNING in MLflow: the parent failed, the trial's run was killed
         runs = toy.all_runs()
@@ -198,7 +199,7 @@ def test_the_limit_stops_every_later_call_with_one_message(capsys):
         outages.call(down)
     assert calls[0] is False and all(calls[1:]) and len(calls) >= 2
     message = str(info.value)
-    assert "postgresql://u:***@db/x was unreachable for more than 1 s" in message
+    assert "postgresql://u:***@db/x was unreachable for more than 1s" in message
     assert "secret" not in message and "rerun the same command to resume" in message
     # once given up, a call raises at once, without trying
     with pytest.raises(StorageUnreachable):
@@ -256,3 +257,95 @@ def test_writes_whose_answer_was_lost_are_not_counted_twice_nor_refused(tmp_path
     assert internals.set_trial_state(study, internals.trial_id(trial), TrialState.COMPLETE)
     assert study.get_trials()[0].state == TrialState.COMPLETE
     internals.close(study)
+
+
+# ---- the tracking server ------------------------------------------------------------------------
+def tracked_by(toy: ToyApp, server, journal) -> ToyApp:
+    toy.tracking_uri = server.url
+    toy.defaults += ["log_curve=true"]  # the jobs log a curve and a file per epoch themselves
+    toy.journal_env = {"SWEEP_JOURNAL_DIR": str(journal)}
+    return toy
+
+
+def nothing_lost(toy: ToyApp, n_trials: int, epochs: int) -> None:
+    """The invariant, and every trial's own logging on its run: the curve, the files."""
+    check_invariant(toy, n_trials=n_trials)
+    client = toy.client()
+    runs = {r.info.run_id: r for r in toy.all_runs()}
+    for trial in toy.study().get_trials():
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert not run_id.startswith("offline"), trial.number  # the study has the real ids
+        if trial.state != TrialState.COMPLETE:
+            continue
+        run = runs[run_id]
+        assert run.data.metrics["value"] == trial.value
+        curve = client.get_metric_history(run_id, "curve")
+        assert sorted(m.step for m in curve) == list(range(epochs)), trial.number
+        files = [f.path for f in client.list_artifacts(run_id, "curve")]
+        assert files == [f"curve/epoch-{e}.txt" for e in range(epochs)], trial.number
+
+
+@pytest.mark.outage
+def test_a_tracking_server_down_for_5_min_costs_no_trial_and_loses_nothing(
+    tmp_path, stoppable_mlflow_server
+):
+    """Longer than MLflow's own retries (about 4 min): trials complete while it is away, and
+    the end waits for it."""
+    server = stoppable_mlflow_server
+    toy = tracked_by(toy_app(tmp_path / "sweep"), server, tmp_path / "journal")
+    out = Output(
+        toy.popen("hydra.sweeper.n_trials=5", "epochs=3", "epoch_seconds=1", env=toy.journal_env)
+    )
+    out.wait_for("[trial 0] epoch 2/3")
+    server.stop()
+    down = time.monotonic()
+    out.wait_for("5/5 finished", timeout=240)  # every trial completes while it is away
+    assert time.monotonic() - down < 300
+    out.wait_for("Waiting for the MLflow server")
+    time.sleep(max(0.0, 300 - (time.monotonic() - down)))
+    assert out.proc.poll() is None, out.text()  # the end is waiting, not failed
+    server.start()
+    print(f"the tracking server was down for {time.monotonic() - down:.0f} s")
+    text = out.finish()
+    assert out.proc.returncode == 0, text
+    assert "Traceback" not in text and "Retrying (Retry" not in text, text
+    assert out.count("is unreachable") == 1 and out.count("is back after") == 1, text
+    assert out.count("Waiting for the MLflow server") == 1, text
+    try:
+        nothing_lost(toy, n_trials=5, epochs=3)
+    finally:
+        toy.close()
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_tracking_outage_then_a_rerun_loses_nothing(
+    tmp_path, stoppable_mlflow_server
+):
+    server = stoppable_mlflow_server
+    journal = tmp_path / "journal"
+    toy = tracked_by(toy_app(tmp_path / "sweep"), server, journal)
+    args = ("hydra.sweeper.n_trials=4", "epochs=3", "epoch_seconds=1")
+    out = Output(toy.popen(*args, env=toy.journal_env))
+    out.wait_for("[trial 0] epoch 1/3")
+    server.stop()
+    out.wait_for("2/4 finished", timeout=120)  # two trials ended while it was away ...
+    out.wait_for("[trial 2] epoch 2/3")  # ... and a third is half-way
+    out.proc.kill()
+    out.finish()
+    kept = [p for p in journal.rglob("*.jsonl") if p.name != "runs.jsonl"]
+    assert kept and all(p.stat().st_size for p in kept)  # on disk, where the rerun finds it
+    server.start()
+    rerun = toy.spawn(*args, env=toy.journal_env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "Traceback" not in rerun.stderr
+    assert "writes that an earlier process" in rerun.stderr  # sent first
+    assert [p for p in journal.rglob("*.jsonl") if p.name != "runs.jsonl"] == []
+    try:
+        nothing_lost(toy, n_trials=4, epochs=3)
+        # the killed trial: failed by the rerun, its run (created offline) closed as it
+        failed = [t for t in toy.study().get_trials() if t.state == TrialState.FAIL]
+        assert [t.number for t in failed] == [2]
+        run = toy.client().get_run(failed[0].user_attrs["mlflow_run_id"])
+        assert run.info.status in ("FAILED", "KILLED") and run.data.tags["optuna.state"] == "FAIL"
+    finally:
+        toy.close()

@@ -1,5 +1,5 @@
-"""The sweeper's shape: declared layers, Optuna's private names in one module, no torch, a light
-plugin scan."""
+"""The sweeper's shape: declared layers, Optuna's and MLflow's private names each in one module,
+no torch, a light plugin scan."""
 
 from __future__ import annotations
 
@@ -71,6 +71,24 @@ def test_only_optuna_internals_touches_optunas_private_names():
         if isinstance(node, ast.Attribute) and node.attr in OPTUNA_PRIVATE
     ]
     assert set(uses) == OPTUNA_PRIVATE  # the list above is the one in use
+
+
+def test_only_mlflow_internals_touches_mlflows_private_names():
+    found = []
+    for module in MODULES:
+        if module == "_mlflow_internals":
+            continue
+        for node in ast.walk(tree(module)):
+            names = []
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlflow"):
+                names = [*node.module.split("."), *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [
+                    p for a in node.names if a.name.startswith("mlflow") for p in a.name.split(".")
+                ]
+            if any(n.startswith("_") for n in names):
+                found.append(f"{module}:{node.lineno}")
+    assert found == []
 
 
 def test_no_module_imports_torch_and_only_the_callback_imports_lightning():

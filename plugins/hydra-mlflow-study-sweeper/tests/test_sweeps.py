@@ -255,6 +255,9 @@ REFUSED = [
     ("hydra.sweeper.heartbeat_interval=60", "must be whole seconds with grace > interval"),
     # once MLflow's "filesystem tracking backend is in maintenance mode", the study created
     ("hydra.sweeper.tracking_uri=file:///tmp/runs", "MLflow 3 keeps its file store"),
+    ("hydra.sweeper.storage_outage_limit=soon", "storage_outage_limit='soon' is not a duration"),
+    ("hydra.sweeper.storage_outage_limit=0", "storage_outage_limit=0 is not a duration"),
+    ("hydra.sweeper.timeout=-5m", "timeout='-5m' is not a duration"),
 ]
 
 

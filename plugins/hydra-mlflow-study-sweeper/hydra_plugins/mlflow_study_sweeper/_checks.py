@@ -81,7 +81,8 @@ class Checks:
         storage = self.storage()
         uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         uri = _tracking_store.absolute_uri(uri, self.start_dir)
-        _tracking_store.check_store(uri)  # before the study exists
+        # before the study exists
+        _tracking_store.check_store(uri, probe_server=not _contract.is_worker())
         resources = self.resources()
         cluster = self.cluster(storage, uri, resources)
         return Plan(
@@ -227,7 +228,7 @@ class Checks:
                 "storage: set hydra.sweeper.storage=sqlite:///optuna.db or postgresql://..."
             )
         if storage is not None:
-            check_storage(storage)
+            check_storage(storage, probe_server=not _contract.is_worker())
         return storage
 
     def check_corners(self, space: dict, fixed: list[str], base: DictConfig) -> None:

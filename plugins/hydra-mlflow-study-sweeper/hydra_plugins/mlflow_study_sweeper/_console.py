@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.mlflow_study_sweeper import _keys
+from hydra_plugins.mlflow_study_sweeper._errors import duration
 from hydra_plugins.mlflow_study_sweeper._objectives import Objectives
 
 
@@ -24,14 +25,6 @@ def short(value: Any) -> str:
 def number(value: float) -> str:
     """An objective's value: 0.9812, or 87486 for a count (a parameter count, a latency in us)."""
     return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.0f}"
-
-
-def duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 def show(objectives: Objectives, trial: FrozenTrial) -> str:

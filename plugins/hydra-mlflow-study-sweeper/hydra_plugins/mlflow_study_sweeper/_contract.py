@@ -29,6 +29,7 @@ STORAGE_OUTAGE_LIMIT = "SWEEP_STORAGE_OUTAGE_LIMIT"  # seconds a storage call wa
 DEADLINE = "SWEEP_DEADLINE"  # the time budget's end, in seconds since the epoch
 WORKER = "SWEEP_WORKER"  # "1" in an n_jobs worker process: it trains, it does not end the sweep
 WORKER_ARG = "SWEEP_ARG_{index}"  # a worker's command-line argument that held a password
+JOURNAL_DIR = "SWEEP_JOURNAL_DIR"  # where writes wait for an unreachable tracking server
 HOST_ID = "SWEEP_HOST_ID"  # names this machine explicitly (containers that share boot ids)
 
 # -- the named fault points of tests (see _faults.py) --

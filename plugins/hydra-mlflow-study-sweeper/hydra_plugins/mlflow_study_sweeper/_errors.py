@@ -10,6 +10,15 @@ def mask_url(url: str | None) -> str:
     return re.sub(r"(://[^/:@]*):[^@/]*@", r"\1:***@", url)
 
 
+def duration(seconds: float) -> str:
+    """42s, 5.1m, 2.0h: a duration in a message."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
 class SweepError(Exception):
     """Base of the errors whose message is meant for the person who ran the sweep (exit 2)."""
 

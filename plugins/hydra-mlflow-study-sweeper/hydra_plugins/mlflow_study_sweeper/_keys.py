@@ -59,6 +59,9 @@ MODEL_VERSION = "model_version"
 TRIAL_COUNT = "trials.{state}"  # complete, pruned, failed
 STOPPED_BY_BUDGET = "stopped_by_budget"
 END_OF_VERSION = "sweep.end"  # on a model version: the sweep end that registered it
+# the id a sweep process gave a run it created: found again if the server made the run but its
+# answer was lost, and the run's id until it exists when the server was away (see _relay)
+CLIENT_KEY = "sweep.client_key"
 
 # ---- MLflow params and metrics of the parent run ------------------------------------------------
 SWEEPER_PARAM = "sweeper.{name}"
@@ -72,9 +75,15 @@ RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 KILLED_FAILURES = ("interrupted", "time_budget")
 
 
+# a provisional run id (given while the tracking server was away) -> the run's id on the server,
+# filled in by _relay as kept writes are delivered
+RUN_ID_ALIASES: dict[str, str] = {}
+
+
 # ---- accessors ----------------------------------------------------------------------------------
 def run_id(trial: FrozenTrial) -> str | None:
-    return trial.user_attrs.get(RUN_ID)
+    found = trial.user_attrs.get(RUN_ID)
+    return RUN_ID_ALIASES.get(found, found) if found else found
 
 
 def failure(trial: FrozenTrial) -> str | None:

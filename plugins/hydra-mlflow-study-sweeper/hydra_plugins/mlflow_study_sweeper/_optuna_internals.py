@@ -264,6 +264,46 @@ def study_lock(study: optuna.Study) -> Iterator[None]:
             yield
 
 
+def replace_attr_values(study: optuna.Study, old: str, new: str) -> int:
+    """Every attribute of the study and its trials whose value is `old` becomes `new` (a run id
+    given while the tracking server was away, now the real one); finished trials included,
+    which Optuna's API refuses. RDB storages only (elsewhere the process's aliases stand in);
+    returns how many rows changed."""
+    rdb = backend(study)
+    if not isinstance(rdb, RDBStorage):
+        return 0
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    trials = sqlalchemy.select(models.TrialModel.__table__.c.trial_id).where(
+        models.TrialModel.__table__.c.study_id == study._study_id
+    )
+    before, after = json.dumps(old), json.dumps(new)
+
+    def attempt(retrying: bool) -> int:
+        changed = 0
+        with rdb.engine.begin() as connection:
+            for model in (models.TrialUserAttributeModel, models.TrialSystemAttributeModel):
+                table = model.__table__
+                changed += connection.execute(
+                    sqlalchemy.update(table)
+                    .where(table.c.trial_id.in_(trials))
+                    .where(table.c.value_json == before)
+                    .values(value_json=after)
+                ).rowcount
+            for model in (models.StudyUserAttributeModel, models.StudySystemAttributeModel):
+                table = model.__table__
+                changed += connection.execute(
+                    sqlalchemy.update(table)
+                    .where(table.c.study_id == study._study_id)
+                    .where(table.c.value_json == before)
+                    .values(value_json=after)
+                ).rowcount
+        return changed
+
+    return _call_of(rdb)(attempt)
+
+
 # ---- heartbeats --------------------------------------------------------------------------------
 def heartbeat_interval(study: optuna.Study) -> int | None:
     """Seconds between a trial's heartbeats, or None where the storage keeps none."""

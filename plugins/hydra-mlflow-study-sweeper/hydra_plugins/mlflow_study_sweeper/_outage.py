@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from hydra_plugins.mlflow_study_sweeper._errors import SweepError, mask_url
+from hydra_plugins.mlflow_study_sweeper._errors import SweepError, duration, mask_url
 
 T = TypeVar("T")
 DEFAULT_LIMIT_S = 600.0
@@ -98,7 +98,7 @@ class Outages:
                 self.down_since = now
                 self.say(
                     f"The Optuna storage {self.where} is unreachable ({self.last_error}); "
-                    f"waiting for it, up to {seconds(self.limit_s)} ({LIMIT_KEY})"
+                    f"waiting for it, up to {duration(self.limit_s)} ({LIMIT_KEY})"
                 )
             waited = now - self.down_since
             if waited >= self.limit_s:
@@ -112,7 +112,7 @@ class Outages:
                 return
             now = time.monotonic()
             self.say(
-                f"The Optuna storage is back after {seconds(now - self.down_since)}; the sweep "
+                f"The Optuna storage is back after {duration(now - self.down_since)}; the sweep "
                 f"goes on"
             )
             self.down_since, self.back_at = None, now
@@ -127,7 +127,7 @@ class Outages:
     def error(self) -> StorageUnreachable:
         return StorageUnreachable(
             f"the Optuna storage {self.where} was unreachable for more than "
-            f"{seconds(self.limit_s)} ({LIMIT_KEY}); last error: {self.last_error}. The finished "
+            f"{duration(self.limit_s)} ({LIMIT_KEY}); last error: {self.last_error}. The finished "
             f"trials are kept there: once it is back, rerun the same command to resume"
         )
 
@@ -173,10 +173,3 @@ def first_line(err: BaseException) -> str:
     # SQLAlchemy's "(psycopg.OperationalError) connection failed: " before the driver's words
     line = re.sub(r"^\([\w.]+\) ", "", line).removeprefix("connection failed: ")
     return mask_url(line)[:200]
-
-
-def seconds(value: float) -> str:
-    value = round(value)
-    if value < 120:
-        return f"{value} s"
-    return f"{value // 60} min {value % 60:02d} s" if value % 60 else f"{value // 60} min"

@@ -11,12 +11,16 @@ run shows the whole curve, tagged `continues_run`), and tells the job where to l
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.mlflow_study_sweeper import _contract, _keys, _optuna_internals, _tracking
+from hydra_plugins.mlflow_study_sweeper._relay import TrackingOffline
+
+log = logging.getLogger(__name__)
 
 # how a trial stopped that may continue: its worker died, a signal, the time budget
 CONTINUABLE = ("orphaned", "interrupted", "time_budget")
@@ -72,7 +76,12 @@ def prepare(study: optuna.Study, client: Any, trial: optuna.Trial, run_id: str) 
     _optuna_internals.set_trial_system_attr(study, trial_id, _keys.CHECKPOINT_RUN, source)
     _optuna_internals.set_trial_system_attr(study, trial_id, _keys.CHECKPOINT_AT, step)
     if earlier_run:
-        _tracking.copy_history(client, earlier_run, run_id, step)
+        try:
+            _tracking.copy_history(client, earlier_run, run_id, step)
+        except TrackingOffline:  # the tracking server is away: the curve starts at step + 1
+            log.warning(
+                "run %s's curve up to epoch %d is not copied: MLflow is away", earlier_run, step + 1
+            )
         client.set_tag(run_id, _keys.CONTINUES_RUN, earlier_run)
     client.set_tag(run_id, _keys.CONTINUES_TRIAL, str(number))
     return {_contract.CONTINUE_RUN: source or "", _contract.CONTINUE_STEP: str(step)}

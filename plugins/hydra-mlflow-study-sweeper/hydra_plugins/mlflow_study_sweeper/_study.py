@@ -79,8 +79,9 @@ def make_storage(
     )
 
 
-def check_storage(url: str) -> None:
-    """The storage can be used, found out without creating anything in it."""
+def check_storage(url: str, probe_server: bool = True) -> None:
+    """The storage can be used, found out without creating anything in it (a database server
+    is not probed by a worker: the sweep probed it, and the worker's calls wait out outages)."""
     path = sqlite_path(url)
     if path is not None:
         if not path.exists() or path.stat().st_size == 0:
@@ -104,7 +105,8 @@ def check_storage(url: str) -> None:
                 f"cannot share one)"
             )
     elif url.startswith(("postgresql", "mysql")):
-        check_database(url)
+        if probe_server:
+            check_database(url)
     elif url.endswith((".log", ".journal")):
         journal = Path(url.removeprefix("journal:///").removeprefix("file://"))
         if not journal.exists() and not writable_place(journal):

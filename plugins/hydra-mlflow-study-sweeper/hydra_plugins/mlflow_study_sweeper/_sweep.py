@@ -24,13 +24,14 @@ from hydra_plugins.mlflow_study_sweeper import (
     _keys,
     _liveness,
     _optuna_internals,
+    _relay,
     _space,
     _tracking,
     _tracking_store,
 )
 from hydra_plugins.mlflow_study_sweeper._checks import Checks, Plan
 from hydra_plugins.mlflow_study_sweeper._end import EndPlan, Registration, SweepEnd
-from hydra_plugins.mlflow_study_sweeper._errors import SweepError, mask_url
+from hydra_plugins.mlflow_study_sweeper._errors import SweepError, SweepStopped, mask_url
 from hydra_plugins.mlflow_study_sweeper._faults import crash_point
 from hydra_plugins.mlflow_study_sweeper._launch import IN_PROCESS_LAUNCHERS, jobs_for
 from hydra_plugins.mlflow_study_sweeper._loop import Ending, LoopEnd, TrialLoop, terminated
@@ -128,6 +129,8 @@ class SweepRun:
             return end.finish(study, runs, resumed_complete=True)
         self.print_plan(plan, study)
         ending = self.train(loop, runs, plan)
+        # what was kept while the tracking server was away reaches it before anything ends
+        self.deliver_kept(plan, started)
         if self.is_worker:
             return []
         if plan.timeout_s:
@@ -136,6 +139,7 @@ class SweepRun:
             print(
                 f"The grid is used up: every one of its points has been tried ({self.s.sampler})."
             )
+        runs.settle(study.get_trials(deepcopy=False))  # runs left unsettled while it was away
         if ending.how == Ending.WAITING_ON_OTHERS:
             print(
                 f"This command's trials are done; still training on other machines: "
@@ -166,6 +170,14 @@ class SweepRun:
             # worker's trials, so only the process that created the study keeps the seed
             plan.sampler.reseed_rng()
         client = _tracking_store.connect(plan.tracking_uri)  # a down server fails here, not later
+        relay = _relay.ACTIVE
+        if relay is not None:
+            # a run given a provisional id while the server was away gets its real one on the
+            # trials too; then what killed processes kept during an outage is sent, first
+            relay.on_mapped.append(
+                lambda old, new: _optuna_internals.replace_attr_values(study, old, new)
+            )
+            relay.deliver_orphans()
         for note in seed_study(
             study, plan.space, plan.enqueue or [], self.s.warm_start_from, client, plan.objectives
         ):
@@ -180,6 +192,28 @@ class SweepRun:
             os.environ[_contract.STORAGE_OUTAGE_LIMIT] = str(plan.storage_outage_limit_s)
         os.environ[_contract.PRUNER] = json.dumps(self.s.pruner)
         return study, SweepRuns(client, experiment, study.study_name), created
+
+    def deliver_kept(self, plan: Plan, started: float) -> None:
+        """Wait for the tracking server to take what this process (and workers that died)
+        kept while it was away: within the time budget when there is one."""
+        relay = _relay.ACTIVE
+        if relay is None:
+            return
+        deadline = started + plan.timeout_s if plan.timeout_s else None
+        if relay.queued():
+            until = "until the time budget ends" if deadline else "Ctrl-C stops; a rerun sends them"
+            print(
+                f"Waiting for the MLflow server {mask_url(relay.uri)} to take the "
+                f"{len(relay.pending)} writes kept while it was away ({until})",
+                flush=True,
+            )
+        if not relay.wait(deadline) or (relay.deliver_orphans() and not relay.wait(deadline)):
+            raise SweepStopped(
+                f"the MLflow server {mask_url(relay.uri)} did not come back within "
+                f"hydra.sweeper.timeout; the {len(relay.pending)} writes kept for it are in "
+                f"{relay.folder}, and the next sweep to this server from this machine sends them "
+                f"first: rerun the same command when it is back to end the sweep"
+            )
 
     def end_plan(self, plan: Plan) -> EndPlan:
         reg = self.s.registry

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from hydra_plugins.mlflow_study_sweeper import _contract, _keys
+from hydra_plugins.mlflow_study_sweeper._relay import TrackingOffline
 
 log = logging.getLogger(__name__)
 MAX_PARAMS, MAX_METRICS = 100, 1000  # MLflow's limits per log_batch
@@ -165,7 +166,10 @@ class SweepRuns:
         finished = [t for t in trials if t.state.is_finished() and _keys.run_id(t)]
         if not finished:
             return 0
-        runs = {r.info.run_id: r for r in self.runs_of(finished)}
+        try:
+            runs = {r.info.run_id: r for r in self.runs_of(finished)}
+        except TrackingOffline:  # the tracking server is away: settled when it is back
+            return 0
         changed = 0
         for trial in finished:
             run = runs.get(_keys.run_id(trial))

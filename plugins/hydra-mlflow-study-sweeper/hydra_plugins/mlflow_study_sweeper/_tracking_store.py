@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,6 +15,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from hydra_plugins.mlflow_study_sweeper import _contract, _relay
 from hydra_plugins.mlflow_study_sweeper._errors import (
     SweepConfigError,
     TrackingUnavailableError,
@@ -66,8 +68,9 @@ TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "
 MLFLOW_TABLES = {"experiments", "runs", "alembic_version"}
 
 
-def check_store(tracking_uri: str) -> None:
-    """The store can be used, found out without creating or changing anything in it."""
+def check_store(tracking_uri: str, probe_server: bool = True) -> None:
+    """The store can be used, found out without creating or changing anything in it (a
+    server's answer is not asked by a worker: the sweep asked it, and the worker waits for it)."""
     scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0] if "://" in tracking_uri else "file"
     if scheme not in TRACKING_SCHEMES:
         raise SweepConfigError(
@@ -83,7 +86,8 @@ def check_store(tracking_uri: str) -> None:
     path = sqlite_path(tracking_uri)
     if path is not None:
         check_sqlite_store(tracking_uri, path)
-    check_server(tracking_uri)
+    if probe_server:
+        check_server(tracking_uri)
 
 
 def check_sqlite_store(tracking_uri: str, path: Path) -> None:
@@ -136,6 +140,17 @@ def check_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
         ) from None
 
 
+def wait_for_server(tracking_uri: str, pause_s: float = 2.0) -> None:
+    """Until the tracking server (or database) answers."""
+    while True:
+        try:
+            check_server(tracking_uri)
+            return
+        except (TrackingUnavailableError, SweepConfigError):
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 10.0)
+
+
 def check_database(tracking_uri: str, timeout_s: float) -> None:
     """One connection attempt: MLflow itself retries a missing database for about 2 minutes."""
     import sqlalchemy
@@ -162,10 +177,16 @@ def check_database(tracking_uri: str, timeout_s: float) -> None:
 
 
 def connect(tracking_uri: str) -> MlflowClient:
-    """A client for this store, creating a new sqlite store whole."""
+    """A client for this store, creating a new sqlite store whole. A tracking server's writes
+    from this process go through the relay, which keeps them while the server is away."""
     if tracking_uri.startswith("sqlite:///"):
         create_sqlite_store(tracking_uri)
-    check_server(tracking_uri)
+    if _contract.is_worker():
+        wait_for_server(tracking_uri)  # a worker started during an outage waits it out
+    else:
+        check_server(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        _relay.install(tracking_uri, quiet=_contract.is_worker())
     return MlflowClient(tracking_uri=tracking_uri)
 
 

@@ -24,12 +24,22 @@ def main(cfg: DictConfig) -> float:
         raise ValueError(f"x={cfg.x} is above fail_if_x_above={cfg.fail_if_x_above}")
     continuation = continues() if cfg.checkpoint else None
     start = continuation.step + 1 if continuation else 0
+    run = None
+    if cfg.log_curve:  # the trial's run, as a job that logs its own curve resumes it
+        import mlflow
+
+        run = mlflow.start_run()
     for epoch in range(start, cfg.epochs):  # a curve falling to `value`: the pruner may stop it
         time.sleep(cfg.epoch_seconds)
+        if run is not None:  # each epoch's value, and a small file beside it
+            mlflow.log_metric("curve", value * (1 + 1 / (epoch + 1)), step=epoch)
+            mlflow.log_text(f"epoch {epoch}", f"curve/epoch-{epoch}.txt")
         if report(value * (1 + 1 / (epoch + 1)), step=epoch, total=cfg.epochs):
             break
         if cfg.checkpoint:  # its whole state is the epoch number: nothing to store
             checkpoint_saved(epoch)
+    if run is not None:
+        mlflow.end_run()
     if cfg.pareto:  # two objectives: their Pareto front is the segment from (0, 0) to (2, 2)
         f2 = (cfg.x - 2) ** 2 + (cfg.y - 2) ** 2
         forms = {"tuple": (value, f2), "triple": (value, f2, 0.0), "text": f"{value},{f2}"}

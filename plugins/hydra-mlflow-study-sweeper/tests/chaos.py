@@ -1,0 +1,191 @@
+"""Chaos: a toy sweep with n_jobs=4 on PostgreSQL and an `mlflow server` (its backend on the same
+PostgreSQL), while, at random moments from a seeded generator, workers are killed with SIGKILL,
+the tracking server is stopped and started, and PostgreSQL is crashed and restarted. Afterwards
+(a rerun if the sweep itself did not finish) the lifecycle invariant must hold.
+
+tests/test_chaos.py runs a short form. The soak, from the sweeper's folder:
+
+    python tests/chaos.py --trials 500 --minutes 20 --seed 1
+
+prints what it did and what the stores hold, and exits 1 if the invariant does not hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import check_invariant, toy_app  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from servers import MlflowServer, PostgresServer, create_database  # noqa: E402
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the sweep's worker processes)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def run_chaos(
+    folder: Path,
+    n_trials: int,
+    chaos_seconds: float,
+    seed: int,
+    n_jobs: int = 4,
+    epochs: int = 3,
+    epoch_seconds: float = 0.3,
+    outage_s: tuple[float, float] = (2.0, 12.0),
+) -> dict:
+    """The sweep under chaos; returns what happened and what the stores hold. Raises
+    AssertionError when the invariant does not hold."""
+    rng = random.Random(seed)
+    pg = PostgresServer()
+    server = None
+    toy = None
+    events: collections.Counter = collections.Counter()
+    started = time.monotonic()
+    try:
+        server = MlflowServer(create_database(pg.url, "mlflow"), folder)
+        server.start()
+        toy = toy_app(folder / "sweep", storage=create_database(pg.url, "optuna"))
+        toy.tracking_uri = server.url
+        toy.defaults += [
+            f"hydra.sweeper.n_trials={n_trials}",
+            f"hydra.sweeper.n_jobs={n_jobs}",
+            f"epochs={epochs}",
+            f"epoch_seconds={epoch_seconds}",
+            "log_curve=true",
+        ]
+        env = {"SWEEP_JOURNAL_DIR": str(folder / "journal")}
+        log = open(folder / "sweep.log", "w")  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen(
+            toy.command(), cwd=toy.path, env=toy.env(**env), stdout=log, stderr=subprocess.STDOUT
+        )
+        chaos_until = time.monotonic() + chaos_seconds
+        while proc.poll() is None and time.monotonic() < chaos_until:
+            time.sleep(rng.uniform(1.0, 4.0))
+            if proc.poll() is not None:
+                break
+            # the same draws whatever happens, so that a seed replays the same faults
+            kind = rng.choice(["kill", "kill", "tracking", "postgres"])
+            pick, seconds = rng.random(), rng.uniform(*outage_s)
+            if kind == "kill":
+                workers = sorted(children(proc.pid))
+                if workers:
+                    os.kill(workers[int(pick * len(workers))], signal.SIGKILL)
+                    events["workers killed"] += 1
+            elif kind == "tracking":
+                server.stop()
+                time.sleep(seconds)
+                server.start()
+                events["tracking server outages"] += 1
+            else:
+                pg.stop("immediate")
+                time.sleep(seconds / 2)
+                pg.start()
+                events["PostgreSQL crashes"] += 1
+        proc.wait(timeout=max(600, n_trials * 10))
+        log.close()
+        code = proc.returncode
+        reruns = 0
+        while code != 0 and reruns < 3:  # the sweep stopped (its workers all died, say)
+            reruns += 1
+            again = toy.spawn(env=env, timeout=max(600, n_trials * 10))
+            (folder / f"rerun-{reruns}.log").write_text(again.stdout + again.stderr)
+            code = again.returncode
+        assert code == 0, (folder / "sweep.log").read_text()[-5000:]
+        check_invariant(toy, n_trials=n_trials)
+        trials = toy.study().get_trials()
+        runs = toy.all_runs()
+        states = collections.Counter(t.state.name for t in trials)
+        left = [p for p in (folder / "journal").rglob("*.jsonl") if p.name == "runs.jsonl"]
+        kept = [
+            p
+            for p in (folder / "journal").rglob("*.jsonl")
+            if p.name not in ("runs.jsonl", "rejected.jsonl")
+        ]
+        assert kept == [], kept  # every kept write was delivered
+        assert not any(t.user_attrs.get("mlflow_run_id", "").startswith("offline") for t in trials)
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        return {
+            "seed": seed,
+            "seconds": round(time.monotonic() - started),
+            **events,
+            "reruns": reruns,
+            "trials": dict(states),
+            "finished": len(finished),
+            "runs in MLflow": len(runs),
+            "runs created while the server was away": sum(
+                1 for r in runs if r.data.tags.get("sweep.client_key") in _mapped(left)
+            ),
+            "writes refused": _count_lines(folder / "journal", "rejected.jsonl"),
+        }
+    finally:
+        if toy is not None:
+            toy.close()
+        if server is not None:
+            server.stop()
+        pg.remove()
+
+
+def _mapped(files: list[Path]) -> set[str]:
+    import json
+
+    found = set()
+    for file in files:
+        for line in file.read_text().splitlines():
+            found.add(json.loads(line)[0])
+    return found
+
+
+def _count_lines(folder: Path, name: str) -> int:
+    return sum(len(p.read_text().splitlines()) for p in folder.rglob(name))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=500)
+    parser.add_argument("--minutes", type=float, default=20)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=4)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="sweep-chaos-"))
+    # epochs long enough for the trials to fill the minutes (each trial costs ~1.5 s besides)
+    per_trial = args.minutes * 60 * args.jobs / args.trials
+    epoch_seconds = max(0.3, (per_trial - 1.5) / 3)
+    print(f"chaos in {folder} (seed {args.seed}, epochs of {epoch_seconds:.1f} s)", flush=True)
+    try:
+        found = run_chaos(
+            folder,
+            args.trials,
+            args.minutes * 60,
+            args.seed,
+            n_jobs=args.jobs,
+            epoch_seconds=epoch_seconds,
+        )
+    except AssertionError as err:
+        print(f"the invariant does not hold: {err}", flush=True)
+        sys.exit(1)
+    for key, value in found.items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
