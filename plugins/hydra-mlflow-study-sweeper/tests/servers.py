@@ -128,7 +128,8 @@ def create_database(server_url: str, name: str) -> str:
 
 
 class MlflowServer:
-    """`mlflow server` on loopback with a PostgreSQL backend, which a test may stop and restart."""
+    """`mlflow server` on loopback (its backend: a PostgreSQL database or a SQLite file), which a
+    test may stop and restart; `with MlflowServer(...) as server:` starts it and stops it."""
 
     def __init__(self, backend: str, folder: Path) -> None:
         self.backend, self.folder = backend, folder
@@ -160,18 +161,20 @@ class MlflowServer:
             self.process.wait()
         self.process = None
 
+    def __enter__(self) -> MlflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 @pytest.fixture
 def stoppable_mlflow_server(postgres, tmp_path):
     """An MlflowServer, started; stopped even if the test fails."""
-    server = MlflowServer(
-        create_database(postgres, f"mlflow_{tmp_path.name}".lower()[:60]), tmp_path
-    )
-    server.start()
-    try:
+    database = create_database(postgres, f"mlflow_{tmp_path.name}".lower()[:60])
+    with MlflowServer(database, tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

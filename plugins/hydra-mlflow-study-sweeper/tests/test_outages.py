@@ -94,25 +94,17 @@ def rides_it_out(toy: ToyApp, outputs: tuple[Output, Output], n_trials: int) -> 
     assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == len(trials)
 
 
-@pytest.mark.slow
-def test_postgres_down_for_30_s_costs_the_wait_and_nothing_else(tmp_path, stoppable_postgres):
-    toy = sweep_on(tmp_path, stoppable_postgres, "outage30")
+@pytest.mark.parametrize(
+    "seconds",
+    [pytest.param(30, marks=pytest.mark.slow), pytest.param(180, marks=pytest.mark.outage)],
+    ids=["30 s", "3 min"],
+)
+def test_postgres_down_costs_the_wait_and_nothing_else(tmp_path, stoppable_postgres, seconds):
+    toy = sweep_on(tmp_path, stoppable_postgres, f"outage{seconds}")
     try:
         outputs = two_hosts(toy, "hydra.sweeper.n_trials=4")
-        seconds = outage(stoppable_postgres, 30)
-        print(f"PostgreSQL was down for {seconds:.0f} s while two hosts trained")
-        rides_it_out(toy, outputs, n_trials=4)
-    finally:
-        toy.close()
-
-
-@pytest.mark.outage
-def test_postgres_down_for_3_min_costs_the_wait_and_nothing_else(tmp_path, stoppable_postgres):
-    toy = sweep_on(tmp_path, stoppable_postgres, "outage180")
-    try:
-        outputs = two_hosts(toy, "hydra.sweeper.n_trials=4")
-        seconds = outage(stoppable_postgres, 180)
-        print(f"PostgreSQL was down for {seconds:.0f} s while two hosts trained")
+        down = outage(stoppable_postgres, seconds)
+        print(f"PostgreSQL was down for {down:.0f} s while two hosts trained")
         rides_it_out(toy, outputs, n_trials=4)
     finally:
         toy.close()

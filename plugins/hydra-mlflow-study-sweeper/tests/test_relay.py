@@ -23,12 +23,8 @@ from hydra_plugins.mlflow_study_sweeper import _keys, _relay
 
 @pytest.fixture
 def server(tmp_path):
-    server = MlflowServer(f"sqlite:///{tmp_path}/server.db", tmp_path)
-    server.start()
-    try:
+    with MlflowServer(f"sqlite:///{tmp_path}/server.db", tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -659,15 +659,7 @@ class RelayStore(RestStore):
         its client key, and its provisional id is mapped to the real one."""
         key = entry["run_id"]
         if not replay:
-            t = self.relay.translate
-            return RestStore.create_run(
-                self,
-                entry["experiment_id"],
-                entry["user_id"],
-                entry["start_time"],
-                [RunTag(k, t(v)) for k, v in entry["tags"].items()],
-                entry["run_name"],
-            )
+            return self.create_from(entry)
         if key in self.relay.mapped:
             return RestStore.get_run(self, self.relay.mapped[key])
         found, _ = RestStore._search_runs(
@@ -679,20 +671,20 @@ class RelayStore(RestStore):
             None,
             None,
         )
-        if found:
-            run = found[0]
-        else:
-            t = self.relay.translate
-            run = RestStore.create_run(
-                self,
-                entry["experiment_id"],
-                entry["user_id"],
-                entry["start_time"],
-                [RunTag(k, t(v)) for k, v in entry["tags"].items()],
-                entry["run_name"],
-            )
+        run = found[0] if found else self.create_from(entry)
         self.relay.map(key, run.info.run_id)
         return run
+
+    def create_from(self, entry: dict[str, Any]) -> Run:
+        t = self.relay.translate
+        return RestStore.create_run(
+            self,
+            entry["experiment_id"],
+            entry["user_id"],
+            entry["start_time"],
+            [RunTag(k, t(v)) for k, v in entry["tags"].items()],
+            entry["run_name"],
+        )
 
     # -- reads --
     def get_run(self, run_id):
