@@ -18,7 +18,7 @@ from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer
 
-from hydra_plugins.mlflow_study_sweeper import _keys, _relay
+from hydra_plugins.mlflow_study_sweeper import _delivery, _journal, _keys, _relay
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_writes_while_the_server_is_away_are_kept_in_order_and_delivered(
     client.log_metric(before, "m", 2.0, step=1)  # finds it away: kept, and the relay is offline
     started = time.monotonic()
     run = client.create_run(experiment, tags={"t": "v"}).info.run_id
-    assert _relay.is_provisional(run)
+    assert _journal.is_provisional(run)
     client.log_param(run, "p", "1")
     client.log_metric(run, "m", 5.0, step=0)
     (tmp_path / "f.txt").write_text("kept")
@@ -90,7 +90,7 @@ def test_writes_while_the_server_is_away_are_kept_in_order_and_delivered(
     server.start()
     assert relay.wait(time.time() + 60)
     real = relay.real(run)
-    assert not _relay.is_provisional(real) and _keys.RUN_ID_ALIASES[run] == real
+    assert not _journal.is_provisional(real) and _keys.RUN_ID_ALIASES[run] == real
     delivered = client.get_run(real)
     assert delivered.info.status == "FINISHED" and delivered.data.params == {"p": "1"}
     assert delivered.data.tags["mentions"] == f"run {real}"
@@ -109,12 +109,36 @@ def test_writes_while_the_server_is_away_are_kept_in_order_and_delivered(
 
 
 @pytest.mark.slow
+def test_a_run_made_in_one_outage_logs_its_files_through_the_next(relay, server, tmp_path):
+    """A job holds its run's provisional artifact root for its whole life: after the run was
+    delivered and the server went away again, its uploads are kept, not raised (chaos found a
+    trial failed by this)."""
+    client = MlflowClient(server.url)
+    experiment = client.create_experiment("e")
+    server.stop()
+    client.log_param(client.create_run(experiment).info.run_id, "warm", "up")  # offline now
+    run = client.create_run(experiment).info.run_id
+    server.start()
+    assert relay.wait(time.time() + 60)
+    real = relay.real(run)
+    assert not _journal.is_provisional(real)
+    server.stop()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(name)
+        client.log_artifact(run, str(tmp_path / name), "files")  # the second finds it kept
+    assert [f.path for f in client.list_artifacts(run, "files")] == ["files/a.txt", "files/b.txt"]
+    server.start()
+    assert relay.wait(time.time() + 60)
+    assert [f.path for f in client.list_artifacts(real, "files")] == ["files/a.txt", "files/b.txt"]
+
+
+@pytest.mark.slow
 def test_a_run_whose_answer_was_lost_is_not_created_twice(relay, server):
     """The server made the run, the answer never came: delivering the kept create finds it by
     its client key."""
     client = MlflowClient(server.url)
     experiment = client.create_experiment("e")
-    key = _relay.new_key()
+    key = _journal.new_key()
     made = RestStore.create_run(
         relay.store, experiment, "u", 0, [RunTag(_keys.CLIENT_KEY, key)], "lost"
     )
@@ -172,10 +196,10 @@ def test_a_server_that_answers_503_is_away_and_a_404_is_not(monkeypatch):
     try:
         with pytest.raises(MlflowException) as info:
             MlflowClient(f"http://127.0.0.1:{httpd.server_port}").get_run("a" * 32)
-        assert _relay.unreachable(info.value)
+        assert _delivery.unreachable(info.value)
     finally:
         httpd.shutdown()
         httpd.server_close()
-    assert not _relay.unreachable(
+    assert not _delivery.unreachable(
         MlflowException("no such run", error_code="RESOURCE_DOES_NOT_EXIST")
     )

@@ -177,9 +177,16 @@ def failed_runs(toy: ToyApp) -> dict:
     return {n: r for n, r in by_number(children).items() if r.data.tags["optuna.state"] == "FAIL"}
 
 
-def test_failing_trials_are_recorded_and_a_full_budget_finishes_the_sweep(curve):
+@pytest.mark.parametrize("in_run", [False, True], ids=["before its run", "inside its run"])
+def test_failing_trials_are_recorded_and_a_full_budget_finishes_the_sweep(curve, in_run):
+    # inside its run: the job raises between mlflow.start_run() and end_run(), leaving its run
+    # active in this process; once, every later trial here failed with "Run ... is already
+    # active" (found by the chaos soak)
     proc = curve.run(
-        "fail_if_x_above=0", "hydra.sweeper.max_failure_rate=1.0", "hydra.sweeper.n_trials=3"
+        "fail_if_x_above=0",
+        "hydra.sweeper.max_failure_rate=1.0",
+        "hydra.sweeper.n_trials=3",
+        f"log_curve={in_run}",
     )
     ok(proc)
     trials = curve.study().get_trials()

@@ -255,6 +255,7 @@ class TrialLoop:
         # MLflow deletes MLFLOW_RUN_ID once read, and Hydra's env_set then fails to delete it
         # again; set here too, the variable is restored instead of deleted
         os.environ[_contract.MLFLOW_RUN_ID] = run_id
+        ret = None
         try:
             with _liveness.Heartbeat(self.study, trial_id), trial_deadline(self.trial_timeout):
                 ret = self.jobs.run(trial.number, trial.params, env)
@@ -267,6 +268,8 @@ class TrialLoop:
             reason = f"{why} while training"
             with contextlib.suppress(StorageUnreachable):  # the rerun fails it then
                 fail_trial(self.study, trial_id, "interrupted", reason)
+            if self.in_process:
+                self.runs.release_job_runs("KILLED")
             self.runs.trial_ended(
                 run_id,
                 "KILLED",
@@ -277,6 +280,9 @@ class TrialLoop:
         except Exception as err:  # the launcher itself failed; the failure budget decides
             outcome = Outcome(TrialState.FAIL, kind="error", reason=f"{type(err).__name__}: {err}")
         finally:
+            if self.in_process:
+                ok = ret is not None and ret.status == JobStatus.COMPLETED
+                self.runs.release_job_runs("FINISHED" if ok else "FAILED")
             os.environ.pop(_contract.MLFLOW_RUN_ID, None)
             _trial_side.IN_PROCESS.pop(trial_id, None)
             if self.progress is not None:

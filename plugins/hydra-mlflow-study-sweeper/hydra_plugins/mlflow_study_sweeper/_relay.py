@@ -28,38 +28,36 @@ synchronously; it survives neither an outage longer than its retries nor a kill.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import shutil
-import socket
-import sys
 import threading
-import time
 import uuid
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunStatus, RunTag, ViewType
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 from mlflow.store.entities.paged_list import PagedList
 from mlflow.store.tracking.rest_store import RestStore
 
-from hydra_plugins.mlflow_study_sweeper import _contract, _keys, _mlflow_internals
-from hydra_plugins.mlflow_study_sweeper._errors import duration, mask_url
+from hydra_plugins.mlflow_study_sweeper import _keys, _mlflow_internals
+from hydra_plugins.mlflow_study_sweeper._delivery import (
+    Relay,
+    first_line,
+    kept_file,
+    kept_listing,
+    unreachable,
+)
+from hydra_plugins.mlflow_study_sweeper._journal import (
+    OFFLINE_ROOT,
+    is_provisional,
+    journal_folder,
+    new_key,
+)
 
-log = logging.getLogger(__name__)
-
-PROVISIONAL = "offline"  # the first letters of a run id given while the server was away
-OFFLINE_ROOT = "mlflow-artifacts:/offline-runs"  # the artifact root of such a run, until then
-MAX_PROBE_S = 10.0
-REMIND_S = 600.0  # a long outage is mentioned again this often
 # MLflow retries a refused request for about 4 minutes by default; the relay needs to know within
 # seconds that the server is away (the job then trains on instead of waiting)
 HTTP_RETRIES = {
@@ -71,498 +69,6 @@ HTTP_RETRIES = {
 
 class TrackingOffline(MlflowException):
     """A read only the server can answer, while it is unreachable."""
-
-
-def is_provisional(run_id: str | None) -> bool:
-    return bool(run_id) and str(run_id).startswith(PROVISIONAL)
-
-
-def new_key() -> str:
-    """An id for a run the client asks for: its provisional id if the server is away."""
-    return PROVISIONAL + uuid.uuid4().hex[:25]
-
-
-def unreachable(err: BaseException) -> bool:
-    """Whether `err` (or an error it came from) says the server could not be reached: no
-    connection, a connection dropped, a timeout, a server that kept answering 5xx (busy,
-    restarting, its database away)."""
-    import requests
-    import urllib3
-
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(
-            seen,
-            (
-                requests.exceptions.ConnectionError,
-                requests.exceptions.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.RetryError,
-                urllib3.exceptions.MaxRetryError,
-                urllib3.exceptions.ProtocolError,
-                ConnectionError,
-                TimeoutError,
-            ),
-        ):
-            return True
-        if isinstance(seen, MlflowException) and seen.get_http_status_code() in (502, 503, 504):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def first_line(err: BaseException) -> str:
-    """The innermost reason, in a few words ("Connection refused")."""
-    text = str(err)
-    for reason in ("Connection refused", "Read timed out", "Connection reset", "Name or service"):
-        if reason in text:
-            return reason
-    if "error responses" in text:
-        return "it answers with server errors"
-    return mask_url(text.strip().splitlines()[0] if text.strip() else type(err).__name__)[:200]
-
-
-# ---- this process's knowledge of runs --------------------------------------------------------
-class Shadow:
-    """What this process knows of the runs it created, read or wrote: enough for a job's
-    `mlflow.start_run()` and the sweep's own reads while the server is away."""
-
-    def __init__(self, size: int = 512) -> None:
-        self.runs: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.size = size
-        self.lock = threading.Lock()
-
-    def _keep(self, run_id: str, record: dict[str, Any]) -> None:
-        self.runs[run_id] = record
-        self.runs.move_to_end(run_id)
-        while len(self.runs) > self.size:
-            self.runs.popitem(last=False)
-
-    def saw(self, run: Run) -> None:
-        """A run as the server has it (its latest metric values, not their history)."""
-        info = run.info
-        with self.lock:
-            old = self.runs.get(info.run_id, {})
-            history = old.get("history", {})
-            for key, value in run.data.metrics.items():
-                if not history.get(key):
-                    history[key] = [Metric(key, value, 0, 0)]
-            self._keep(
-                info.run_id,
-                {
-                    "info": {
-                        "run_id": info.run_id,
-                        "experiment_id": info.experiment_id,
-                        "user_id": info.user_id,
-                        "status": info.status,
-                        "start_time": info.start_time,
-                        "end_time": info.end_time,
-                        "lifecycle_stage": info.lifecycle_stage,
-                        "artifact_uri": info.artifact_uri,
-                        "run_name": info.run_name,
-                    },
-                    "params": dict(run.data.params),
-                    "tags": dict(run.data.tags),
-                    "history": history,
-                },
-            )
-
-    def created(self, entry: dict[str, Any]) -> None:
-        """A run created offline, as its create_run entry describes it."""
-        run_id = entry["run_id"]
-        with self.lock:
-            self._keep(
-                run_id,
-                {
-                    "info": {
-                        "run_id": run_id,
-                        "experiment_id": str(entry["experiment_id"]),
-                        "user_id": entry["user_id"] or "",
-                        "status": "RUNNING",
-                        "start_time": entry["start_time"],
-                        "end_time": None,
-                        "lifecycle_stage": "active",
-                        "artifact_uri": f"{OFFLINE_ROOT}/{run_id}/artifacts",
-                        "run_name": entry["run_name"] or entry["tags"].get("mlflow.runName"),
-                    },
-                    "params": {},
-                    "tags": dict(entry["tags"]),
-                    "history": {},
-                },
-            )
-
-    def wrote(self, entry: dict[str, Any]) -> None:
-        """A write (sent or kept) applied to what is known of its run."""
-        with self.lock:
-            record = self.runs.get(entry.get("run_id", ""))
-            if record is None:
-                return
-            op = entry["op"]
-            if op == "update":
-                record["info"]["status"] = entry["status"]
-                record["info"]["end_time"] = entry["end_time"]
-                if entry["run_name"]:
-                    record["info"]["run_name"] = entry["run_name"]
-            elif op == "batch":
-                record["params"].update(dict(entry["params"]))
-                record["tags"].update(dict(entry["tags"]))
-                for key, value, timestamp, step in entry["metrics"]:
-                    record["history"].setdefault(key, []).append(
-                        Metric(key, value, timestamp, step)
-                    )
-            elif op == "delete_tag":
-                record["tags"].pop(entry["key"], None)
-
-    def renamed(self, old: str, new: str) -> None:
-        with self.lock:
-            record = self.runs.get(old)
-            if record is not None and new not in self.runs:
-                record = json.loads(json.dumps(record, default=_metric_json))
-                record["history"] = {
-                    k: [Metric(*m) for m in v] for k, v in record["history"].items()
-                }
-                record["info"]["run_id"] = new
-                self._keep(new, record)
-
-    def run(self, run_id: str) -> Run | None:
-        with self.lock:
-            record = self.runs.get(run_id)
-            if record is None:
-                return None
-            metrics = [h[-1] for h in record["history"].values() if h]
-            return Run(
-                RunInfo(**record["info"]),
-                RunData(
-                    metrics=metrics,
-                    params=[Param(k, v) for k, v in record["params"].items()],
-                    tags=[RunTag(k, v) for k, v in record["tags"].items()],
-                ),
-            )
-
-    def history(self, run_id: str, key: str) -> list[Metric] | None:
-        with self.lock:
-            record = self.runs.get(run_id)
-            return None if record is None else list(record["history"].get(key, []))
-
-
-def _metric_json(value: Any) -> Any:
-    if isinstance(value, Metric):
-        return [value.key, value.value, value.timestamp, value.step]
-    raise TypeError(type(value).__name__)
-
-
-# ---- the journal on disk ---------------------------------------------------------------------
-class Journal:
-    """Writes that wait for the server: <folder>/<name>.jsonl, one JSON object per line, and
-    <name>.done, one line per entry delivered. Its process holds an flock on it while it lives."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.done_path = path.with_suffix(".done")
-        self.handle: Any = None
-        self.done: Any = None
-
-    def own(self) -> bool:
-        """Take the journal's lock: True if no live process holds it (its owner is gone)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held while it lives)
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
-            self.handle = None
-            return False
-        return True
-
-    def append(self, entry: dict[str, Any]) -> None:
-        if self.handle is None and not self.own():
-            raise RuntimeError(f"the journal {self.path} is held by another process")
-        self.handle.write(json.dumps(entry) + "\n")
-        self.handle.flush()  # in the page cache: a killed process loses nothing
-
-    def delivered(self) -> None:
-        if self.done is None:
-            self.done = open(self.done_path, "a", encoding="utf-8")  # noqa: SIM115
-        self.done.write(".\n")
-        self.done.flush()
-
-    def waiting(self) -> list[dict[str, Any]]:
-        """The entries not delivered yet (a torn last line, from a kill mid-write, is dropped)."""
-        done = 0
-        with contextlib.suppress(FileNotFoundError):
-            done = len(self.done_path.read_text().splitlines())
-        entries = []
-        with contextlib.suppress(FileNotFoundError), open(self.path, encoding="utf-8") as file:
-            for line in file:
-                with contextlib.suppress(json.JSONDecodeError):
-                    entries.append(json.loads(line))
-        return entries[done:]
-
-    def remove(self) -> None:
-        """All delivered: the files go (the lock with them)."""
-        for path in (self.path, self.done_path):
-            path.unlink(missing_ok=True)
-        self.close()
-
-    def close(self) -> None:
-        for handle in (self.handle, self.done):
-            if handle is not None:
-                handle.close()
-        self.handle = self.done = None
-
-
-def journal_folder(uri: str) -> Path:
-    """Where this machine keeps the writes for the server at `uri` (SWEEP_JOURNAL_DIR, else the
-    user's cache folder), one subfolder per server."""
-    base = os.environ.get(_contract.JOURNAL_DIR)
-    if not base:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-        base = os.path.join(cache, "mlflow-study-sweeper", "journal")
-    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    return Path(base) / digest
-
-
-# ---- the relay ---------------------------------------------------------------------------------
-class Relay:
-    """One tracking server's writes from this process: sent, or kept and delivered later."""
-
-    def __init__(self, uri: str, folder: Path, quiet: bool = False, stream=None) -> None:
-        self.uri = uri
-        self.folder = folder
-        self.quiet = quiet
-        self.stream = stream
-        self.lock = threading.RLock()
-        # (the journal that holds it, the entry): a dead process's entries are acknowledged in
-        # its own journal
-        self.pending: deque[tuple[Journal, dict[str, Any]]] = deque()
-        name = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-        self.journal = Journal(folder / f"{name}.jsonl")
-        self.offline_since: float | None = None
-        self.last_said = 0.0
-        self.reason = ""
-        self.sent_late = 0
-        self.rejected = 0
-        self.thread: threading.Thread | None = None
-        self.shadow = Shadow()
-        self.on_mapped: list[Callable[[str, str], None]] = []
-        self.store: RelayStore | None = None
-        self.mapped: dict[str, str] = {}
-        self.load_mapped()
-
-    # -- ids --
-    def load_mapped(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            for line in (self.folder / "runs.jsonl").read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError, ValueError):
-                    old, new = json.loads(line)
-                    self.mapped[old] = new
-                    _keys.RUN_ID_ALIASES[old] = new
-
-    def map(self, old: str, new: str) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / "runs.jsonl", "a", encoding="utf-8") as file:
-            file.write(json.dumps([old, new]) + "\n")
-        self.mapped[old] = new
-        _keys.RUN_ID_ALIASES[old] = new
-        self.shadow.renamed(old, new)
-        for callback in self.on_mapped:
-            try:
-                callback(old, new)
-            except Exception as err:  # the study may be away too: the alias still holds
-                log.warning("run %s is now %s; the study could not be told: %s", old, new, err)
-
-    def real(self, run_id: str | None) -> str | None:
-        if not is_provisional(run_id):
-            return run_id
-        if run_id not in self.mapped:
-            self.load_mapped()  # another process of this machine may have delivered it
-        return self.mapped.get(run_id, run_id)
-
-    def translate(self, text: str) -> str:
-        """A tag or param value that names a provisional run names the real one."""
-        if PROVISIONAL not in text:
-            return text
-        for old, new in self.mapped.items():
-            text = text.replace(old, new)
-        return text
-
-    # -- writes --
-    def queued(self) -> bool:
-        return self.offline_since is not None or bool(self.pending)
-
-    def write(self, entry: dict[str, Any], offline_answer: Callable[[], Any]) -> Any:
-        """Send `entry` now, or keep it (offline, or behind kept ones); the server's answer, or
-        `offline_answer()` when it was kept."""
-        with self.lock:
-            if self.queued():
-                self.keep(entry)
-                return offline_answer()
-        try:
-            answer = self.store.send(entry)
-        except Exception as err:
-            if not unreachable(err):
-                raise
-            with self.lock:
-                self.went_offline(err)
-                self.keep(entry)
-            return offline_answer()
-        self.shadow.wrote(entry)
-        return answer
-
-    def keep(self, entry: dict[str, Any]) -> None:
-        self.journal.append(entry)
-        self.pending.append((self.journal, entry))
-        if entry["op"] == "create_run":
-            self.shadow.created(entry)
-        else:
-            self.shadow.wrote(entry)
-
-    def went_offline(self, err: BaseException) -> None:
-        """The server did not answer: say so once, and start delivering when it is back."""
-        with self.lock:
-            if self.offline_since is None:
-                self.offline_since = self.last_said = time.monotonic()
-                self.reason = first_line(err)
-                self.say(
-                    f"The MLflow server {mask_url(self.uri)} is unreachable ({self.reason}): "
-                    f"training goes on, and what the sweep logs is kept in {self.folder} and sent "
-                    f"when it is back"
-                )
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self.deliver, daemon=True)
-                self.thread.start()
-
-    # -- delivery --
-    def deliver(self) -> None:
-        """Probe the server; when it answers, send what was kept, in order."""
-        pause = 1.0
-        while True:
-            time.sleep(pause)
-            pause = min(pause * 2, MAX_PROBE_S)
-            if not self.store.answers():
-                self.remind()
-                continue
-            if self.send_kept():
-                return
-
-    def send_kept(self) -> bool:
-        """Send the kept entries in order; True when none is left (the relay is online)."""
-        failures = 0
-        while True:
-            with self.lock:
-                if not self.pending:
-                    self.back()
-                    return True
-                journal, entry = self.pending[0]
-            try:
-                self.store.send(entry, replay=True)
-            except Exception as err:
-                if unreachable(err) and failures < 5:
-                    failures += 1
-                    if not self.store.answers():
-                        return False
-                    continue
-                # the server refuses this one (a run deleted meanwhile, a changed param): the
-                # rest goes on, and the entry is kept aside with the reason
-                self.reject(entry, err)
-            failures = 0
-            with self.lock:
-                self.pending.popleft()
-                journal.delivered()
-                self.sent_late += 1
-            if entry["op"] == "artifacts":
-                shutil.rmtree(self.folder / "files" / entry["id"], ignore_errors=True)
-
-    def reject(self, entry: dict[str, Any], err: BaseException) -> None:
-        self.rejected += 1
-        with open(self.folder / "rejected.jsonl", "a", encoding="utf-8") as file:
-            file.write(json.dumps({"entry": entry, "error": str(err)[:1000]}) + "\n")
-        log.warning(
-            "the MLflow server refused a kept %s of run %s: %s (kept in %s/rejected.jsonl)",
-            entry["op"],
-            entry.get("run_id"),
-            str(err).splitlines()[0][:300] if str(err) else type(err).__name__,
-            self.folder,
-        )
-
-    def back(self) -> None:
-        if self.offline_since is not None:
-            away = time.monotonic() - self.offline_since
-            self.say(
-                f"The MLflow server is back after {duration(away)}: {self.sent_late} writes kept "
-                f"meanwhile were delivered"
-            )
-        self.offline_since = None
-        self.sent_late = 0
-        if self.journal.handle is not None:
-            self.journal.remove()
-
-    def remind(self) -> None:
-        now = time.monotonic()
-        if self.offline_since is not None and now - self.last_said > REMIND_S:
-            self.last_said = now
-            self.say(
-                f"The MLflow server is still unreachable after "
-                f"{duration(now - self.offline_since)}; {len(self.pending)} writes are kept"
-            )
-
-    def wait(self, deadline: float | None = None, poll_s: float = 0.5) -> bool:
-        """Until every kept write is delivered (True), or time.time() passes `deadline`."""
-        while self.queued():
-            if deadline is not None and time.time() > deadline:
-                return False
-            with self.lock:
-                if self.thread is None or not self.thread.is_alive():
-                    self.thread = threading.Thread(target=self.deliver, daemon=True)
-                    self.thread.start()
-            time.sleep(poll_s)
-        return True
-
-    # -- journals of processes that died --
-    def orphans(self) -> Iterator[Journal]:
-        for path in sorted(self.folder.glob("*.jsonl")):
-            if path.name in ("runs.jsonl", "rejected.jsonl") or path == self.journal.path:
-                continue
-            journal = Journal(path)
-            if journal.own():
-                yield journal
-
-    def deliver_orphans(self) -> int:
-        """Send, before this process's own, what processes killed during an outage kept for
-        this server on this machine; returns how many writes were sent."""
-        total = 0
-        for journal in self.orphans():
-            entries = journal.waiting()
-            if not entries:
-                journal.remove()
-                continue
-            self.say(
-                f"Sending {len(entries)} writes that an earlier process ({journal.path.stem}) "
-                f"kept while the MLflow server was away"
-            )
-            with self.lock:
-                self.pending.extendleft((journal, e) for e in reversed(entries))
-            if not self.send_kept():
-                with self.lock:  # still away: they stay in their journal, for the next try
-                    self.pending = deque(p for p in self.pending if p[0] is not journal)
-                journal.close()
-                break
-            total += len(entries)
-            journal.remove()
-        return total
-
-    def farewell(self) -> None:
-        """At exit: where the writes not yet delivered wait (the next sweep sends them)."""
-        if self.pending:
-            self.say(
-                f"{len(self.pending)} writes for the MLflow server {mask_url(self.uri)} are kept "
-                f"in {self.folder}: the next sweep to it from this machine sends them first"
-            )
-        self.journal.close()
-
-    def say(self, line: str) -> None:
-        if not self.quiet:
-            print(line, file=self.stream or sys.stderr, flush=True)
 
 
 # ---- MLflow's store and artifact repository for the server, through the relay ---------------
@@ -781,16 +287,18 @@ class RelayArtifacts(MlflowArtifactsRepository):
 
     def relay_or_send(self, action, path, files, send, *args, base=None) -> None:
         relay = ACTIVE
+        if relay is None:
+            return send(*args, path)
         provisional = self.root.startswith(OFFLINE_ROOT)
-        if relay is None or (not provisional and not relay.queued()):
+        if self.on_server(relay) and not relay.queued():
             try:
+                if provisional:
+                    return getattr(self.mapped_repository(), send.__name__)(*args, path)
                 return send(*args, path)
             except Exception as err:
-                if relay is None or not unreachable(err):
+                if not unreachable(err):
                     raise
                 relay.went_offline(err)
-        if provisional and relay is not None and relay.real(self.run_key()) != self.run_key():
-            return getattr(self.mapped_repository(), send.__name__)(*args, path)
         entry_id = uuid.uuid4().hex
         stored = relay.folder / "files" / entry_id
         for file in files:
@@ -812,6 +320,13 @@ class RelayArtifacts(MlflowArtifactsRepository):
     def root(self) -> str:
         return self._relay_root
 
+    def on_server(self, relay: Relay) -> bool:
+        """Whether the run exists on the server: a run created while it was away exists once
+        delivered (its job still holds the provisional root, sent to the real repository)."""
+        return (
+            not self.root.startswith(OFFLINE_ROOT) or relay.real(self.run_key()) != self.run_key()
+        )
+
     def run_key(self) -> str:
         return self.root[len(OFFLINE_ROOT) + 1 :].split("/", 1)[0]
 
@@ -820,16 +335,17 @@ class RelayArtifacts(MlflowArtifactsRepository):
 
     def list_artifacts(self, path=None):
         relay = ACTIVE
-        if relay is not None and self.root.startswith(OFFLINE_ROOT):
-            if relay.real(self.run_key()) != self.run_key():
-                return self.mapped_repository().list_artifacts(path)
-            return kept_listing(relay, self.root, path)
-        if relay is not None and relay.queued():  # what is kept; the server's files are away
+        if relay is None:
+            return super().list_artifacts(path)
+        provisional = self.root.startswith(OFFLINE_ROOT)
+        if not self.on_server(relay) or relay.queued():  # what is kept; the server is away
             return kept_listing(relay, self.root, path)
         try:
+            if provisional:
+                return self.mapped_repository().list_artifacts(path)
             return super().list_artifacts(path)
         except Exception as err:
-            if relay is None or not unreachable(err):
+            if not unreachable(err):
                 raise
             relay.went_offline(err)
             return kept_listing(relay, self.root, path)
@@ -881,51 +397,6 @@ def send_artifacts(relay: Relay, entry: dict[str, Any]) -> None:
     stored = relay.folder / "files" / entry["id"]
     if stored.exists():
         repository.log_artifacts(str(stored), entry["path"])
-
-
-def _kept_logs(relay: Relay, root: str) -> list[tuple[str, Path]]:
-    """(artifact path, kept file) for the uploads of `root` waiting in the relay, in order;
-    a later delete removes the paths under it."""
-    found: dict[str, Path] = {}
-    with relay.lock:
-        entries = [e for _, e in relay.pending if e["op"] == "artifacts" and e["root"] == root]
-    for entry in entries:
-        prefix = (entry["path"] or "").strip("/")
-        if entry["action"] == "delete":
-            for path in [
-                p for p in found if not prefix or p == prefix or p.startswith(prefix + "/")
-            ]:
-                del found[path]
-            continue
-        stored = relay.folder / "files" / entry["id"]
-        for file in stored.rglob("*"):
-            if file.is_file():
-                relative = file.relative_to(stored).as_posix()
-                found[f"{prefix}/{relative}" if prefix else relative] = file
-    return list(found.items())
-
-
-def kept_listing(relay: Relay, root: str, path: str | None):
-    from mlflow.entities import FileInfo
-
-    prefix = (path or "").strip("/")
-    listed: dict[str, FileInfo] = {}
-    for name, file in _kept_logs(relay, root):
-        if prefix and not name.startswith(prefix + "/"):
-            continue
-        rest = name[len(prefix) + 1 :] if prefix else name
-        head = rest.split("/", 1)[0]
-        full = f"{prefix}/{head}" if prefix else head
-        is_dir = "/" in rest
-        listed[full] = FileInfo(full, is_dir, None if is_dir else file.stat().st_size)
-    return sorted(listed.values(), key=lambda f: f.path)
-
-
-def kept_file(relay: Relay, root: str, path: str) -> Path | None:
-    for name, file in reversed(_kept_logs(relay, root)):
-        if name == path.strip("/"):
-            return file
-    return None
 
 
 # ---- installing the relay in this process ----------------------------------------------------

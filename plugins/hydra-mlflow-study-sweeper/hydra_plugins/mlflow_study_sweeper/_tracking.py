@@ -159,6 +159,18 @@ class SweepRuns:
         log_batch(self.client, run_id, metrics=metrics, tags=as_tags(tags))
         self.client.set_terminated(run_id, status=status)
 
+    def release_job_runs(self, status: str) -> None:
+        """Runs a job left active in MLflow's fluent API of this process (it raised between
+        `mlflow.start_run()` and `mlflow.end_run()`, without a `with`): ended with `status`, so
+        that the next trial's job here resumes its own run instead of failing
+        with "Run ... is already active". The trial's run then gets its status from
+        trial_ended."""
+        while mlflow.active_run() is not None:
+            try:
+                mlflow.end_run(status)  # off the stack first, then ended
+            except Exception as err:  # trial_ended sets the trial's run's status again
+                log.warning("a run the job left active could not be ended: %s", err)
+
     def settle(self, trials: Iterable[Any]) -> int:
         """Every finished trial's run agrees with it (status, optuna.state); returns how many
         changed. Covers a worker killed before it closed its run, and one killed between a job

@@ -20,15 +20,15 @@ def main(cfg: DictConfig) -> float:
 
         with mlflow.start_run():
             mlflow.set_tags({k: os.environ.get(k, "") for k in ("CUDA_VISIBLE_DEVICES",)})
-    if cfg.fail_if_x_above is not None and cfg.x > cfg.fail_if_x_above:
-        raise ValueError(f"x={cfg.x} is above fail_if_x_above={cfg.fail_if_x_above}")
-    continuation = continues() if cfg.checkpoint else None
-    start = continuation.step + 1 if continuation else 0
     run = None
-    if cfg.log_curve:  # the trial's run, as a job that logs its own curve resumes it
+    if cfg.log_curve:  # the trial's run, as a job that logs its own curve resumes it (no `with`)
         import mlflow
 
         run = mlflow.start_run()
+    if cfg.fail_if_x_above is not None and cfg.x > cfg.fail_if_x_above:  # (inside that run)
+        raise ValueError(f"x={cfg.x} is above fail_if_x_above={cfg.fail_if_x_above}")
+    continuation = continues() if cfg.checkpoint else None
+    start = continuation.step + 1 if continuation else 0
     for epoch in range(start, cfg.epochs):  # a curve falling to `value`: the pruner may stop it
         time.sleep(cfg.epoch_seconds)
         if run is not None:  # each epoch's value, and a small file beside it
