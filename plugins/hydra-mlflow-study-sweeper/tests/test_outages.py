@@ -8,6 +8,8 @@ named moment (a line the sweep prints).
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -339,5 +341,43 @@ def test_a_kill_during_a_tracking_outage_then_a_rerun_loses_nothing(
         assert [t.number for t in failed] == [2]
         run = toy.client().get_run(failed[0].user_attrs["mlflow_run_id"])
         assert run.info.status in ("FAILED", "KILLED") and run.data.tags["optuna.state"] == "FAIL"
+    finally:
+        toy.close()
+
+
+@pytest.mark.slow
+def test_a_worker_started_during_a_tracking_outage_waits_for_it_then_trains(
+    tmp_path, stoppable_mlflow_server
+):
+    """Chaos found it: a replacement worker that started while the server was away died on its
+    first read (the experiment), and could have taken the parent run it could not read for a
+    deleted one."""
+    from chaos import children
+
+    from hydra_plugins.mlflow_study_sweeper import _keys
+
+    server = stoppable_mlflow_server
+    toy = tracked_by(toy_app(tmp_path / "sweep"), server, tmp_path / "journal")
+    args = ("hydra.sweeper.n_trials=12", "hydra.sweeper.n_jobs=2", "hydra.sweeper.pruner=none")
+    args += ("epochs=3", "epoch_seconds=1")
+    out = Output(toy.popen(*args, env=toy.journal_env))
+    out.wait_for("epoch 1/3")
+    deadline = time.monotonic() + 60
+    while not (workers := children(out.proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (first,) = workers
+    server.stop()
+    time.sleep(2)
+    os.kill(first, signal.SIGKILL)  # its replacement starts while the server is away
+    out.wait_for(f"worker pid {first} died")
+    time.sleep(10)
+    server.start()
+    text = out.finish()
+    assert out.proc.returncode == 0, text
+    assert "Traceback" not in text and "not started again" not in text, text
+    try:
+        nothing_lost(toy, n_trials=12, epochs=3)  # one parent run among them
+        pids = {_keys.worker(t)[1] for t in toy.study().get_trials()}
+        assert len(pids - {str(out.proc.pid), str(first)}) == 1, pids  # the replacement trained
     finally:
         toy.close()

@@ -19,7 +19,7 @@ from harness import APPS, check_invariant, clean_env, error_lines, ok, run_in_pr
 from optuna.trial import TrialState
 
 from hydra_plugins.mlflow_study_sweeper import _keys
-from hydra_plugins.mlflow_study_sweeper._workers import gpu_assignment
+from hydra_plugins.mlflow_study_sweeper._workers import Replacements, gpu_assignment
 
 pytest.importorskip("ray")  # the [ray] extra, which the test extra installs
 # ray.cluster_utils.Cluster.shutdown kills a fake node's processes without waiting for every
@@ -65,6 +65,26 @@ def intervals(toy) -> list[tuple[float, float]]:
 )
 def test_local_workers_get_their_gpus(n, gpus, share, expected):
     assert gpu_assignment(n, gpus, share) == expected
+
+
+def test_a_killed_or_trained_worker_is_always_replaced_and_one_that_cannot_start_is_not(
+    capsys,
+):
+    # (local processes and Ray actors alike; once a sweep replaced 3 per slot in all, and the
+    # chaos soak's kills left it with one worker)
+    policy = Replacements()
+
+    def again(slot=1, trained=False, killed=False, work_left=True):
+        return policy.replace(slot, work_left, trained, killed)
+
+    assert all(again(killed=True) for _ in range(50))  # SIGKILL before it trained, 50 times
+    assert all(again(trained=True) for _ in range(50))  # its trials took it down
+    assert again() and again()  # exited with an error, untrained: twice
+    assert again(trained=True)  # it trained: the count starts again
+    assert [again(), again(), again()] == [True, True, False]
+    assert "worker 1 exited with an error 3 times in a row" in capsys.readouterr().err
+    assert again(slot=2)  # the other slots go on
+    assert not again(slot=3, killed=True, work_left=False)  # nothing left to do
 
 
 @pytest.mark.parametrize(

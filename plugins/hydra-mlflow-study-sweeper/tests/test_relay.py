@@ -18,7 +18,14 @@ from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer
 
-from hydra_plugins.mlflow_study_sweeper import _delivery, _journal, _keys, _relay
+from hydra_plugins.mlflow_study_sweeper import (
+    _delivery,
+    _journal,
+    _keys,
+    _relay,
+    _tracking,
+    _tracking_store,
+)
 
 
 @pytest.fixture
@@ -130,6 +137,29 @@ def test_a_run_made_in_one_outage_logs_its_files_through_the_next(relay, server,
     server.start()
     assert relay.wait(time.time() + 60)
     assert [f.path for f in client.list_artifacts(real, "files")] == ["files/a.txt", "files/b.txt"]
+
+
+@pytest.mark.slow
+def test_reads_it_cannot_answer_wait_for_the_server_and_an_unknown_run_is_not_deleted(
+    relay, server, capsys
+):
+    """A worker starting during an outage reads the experiment and the parent run, which this
+    process never saw: once the first read crashed the worker, and the second took the parent
+    for a deleted run (a second parent run)."""
+    client = MlflowClient(server.url)
+    experiment = client.create_experiment("e")
+    parent = RestStore.create_run(relay.store, experiment, "u", 0, [], "parent").info.run_id
+    server.stop()
+    with pytest.raises(_relay.TrackingOffline):
+        _tracking.run_or_none(client, parent)
+    threading.Timer(3, server.start).start()
+
+    def start_up():
+        return _tracking_store.experiment_id(client, "e"), _tracking.run_or_none(client, parent)
+
+    found, run = _tracking_store.until_reachable(server.url, start_up)
+    assert found == experiment and run.info.run_id == parent
+    assert capsys.readouterr().err.count("waiting for it to start the sweep") == 1
 
 
 @pytest.mark.slow

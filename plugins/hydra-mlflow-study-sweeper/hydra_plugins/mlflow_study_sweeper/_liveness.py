@@ -146,6 +146,14 @@ def fail_trials_of(study: optuna.Study, label: dict[str, str], reason: str) -> l
     return failed
 
 
+def ever_trained(study: optuna.Study, label: dict[str, str] | None) -> bool:
+    """Whether the worker `label` (host, pid) took a trial of this study."""
+    if label is None:
+        return False
+    me = (label.get("host"), label.get("pid"))
+    return any(_keys.worker(t) == me for t in study.get_trials(deepcopy=False))
+
+
 class Heartbeat:
     """Records a trial's heartbeat in the RDB storage while the trial trains.
 

@@ -28,7 +28,7 @@ from typing import Any
 from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError, SweepError, mask_url
 from hydra_plugins.mlflow_study_sweeper._liveness import machine_key
 from hydra_plugins.mlflow_study_sweeper._sqlite_files import sqlite_path
-from hydra_plugins.mlflow_study_sweeper._workers import MAX_REPLACEMENTS_PER_WORKER, worker_command
+from hydra_plugins.mlflow_study_sweeper._workers import Replacements, worker_command
 
 EXTRA = "pip install 'hydra-mlflow-study-sweeper[ray]'"
 # tracking stores every node reaches (not a sqlite file, not a folder)
@@ -203,7 +203,7 @@ class RayWorkers:
         gpu: float,
         runtime_env: dict[str, Any] | None,
         start_dir: Path,
-        on_death: Callable[[dict[str, str] | None, str], bool],
+        on_death: Callable[[dict[str, str] | None, str], tuple[bool, bool]],
     ) -> None:
         self.cluster = cluster
         self.ray = cluster.ray
@@ -211,9 +211,9 @@ class RayWorkers:
         self.cpu, self.gpu = cpu, gpu
         self.runtime_env = runtime_env
         self.start_dir = start_dir
-        self.on_death = on_death  # (its worker's label, why) -> whether to replace it
+        self.on_death = on_death  # (its worker's label, why) -> (work left, it trained)
         self.actors: list[Actor] = []
-        self.replacements = 0
+        self.replacements = Replacements()
         self.stopping = threading.Event()
         self.remote = self.ray.remote(max_restarts=0, max_concurrency=2)(SweepWorker)
 
@@ -272,7 +272,7 @@ class RayWorkers:
             except self.ray.exceptions.RayActorError as err:  # its node is gone, or the actor
                 self.actors.remove(actor)
                 if not self.stopping.is_set():
-                    self.lost(actor, f"its Ray actor died ({type(err).__name__})")
+                    self.lost(actor, f"its Ray actor died ({type(err).__name__})", killed=True)
 
     def look_at(self, actor: Actor) -> None:
         if actor.label is None:  # not yet placed, or placed now
@@ -294,15 +294,14 @@ class RayWorkers:
             self.actors.remove(actor)
             self.ray.kill(actor.handle)
             if code != 0 and not self.stopping.is_set():
-                self.lost(actor, f"its worker process exited with {code}")
+                self.lost(actor, f"its worker process exited with {code}", killed=code < 0)
 
-    def lost(self, actor: Actor, why: str) -> None:
+    def lost(self, actor: Actor, why: str, killed: bool) -> None:
+        """`killed`: from outside (its node lost, a signal), not an error of its own."""
         where = f" on node {actor.label['node']}" if actor.label else ""
         print(f"worker {actor.slot}{where} is lost: {why}", file=sys.stderr, flush=True)
-        again = self.on_death(actor.label, f"{why}{where}")
-        limit = MAX_REPLACEMENTS_PER_WORKER * self.n_jobs
-        if again and self.replacements < limit:
-            self.replacements += 1
+        work_left, trained = self.on_death(actor.label, f"{why}{where}")
+        if self.replacements.replace(actor.slot, work_left, trained, killed):
             self.actors.append(self.launch(actor.slot))  # placed when the cluster has room
 
     def alive(self) -> bool:

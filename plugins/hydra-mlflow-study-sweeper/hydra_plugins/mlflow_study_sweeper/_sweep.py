@@ -123,7 +123,11 @@ class SweepRun:
         started = time.time()
         loop.recover()
         runs.settle(study.get_trials(deepcopy=False))  # runs a killed sweep left open or wrong
-        self.parent_run(runs, study, created, plan)
+        _tracking_store.until_reachable(
+            plan.tracking_uri,
+            lambda: self.parent_run(runs, study, created, plan),
+            quiet=self.is_worker,
+        )
         done = _console.finished(study.get_trials(deepcopy=False)) >= self.s.n_trials
         if done and not self.is_worker:
             return end.finish(study, runs, resumed_complete=True)
@@ -182,7 +186,11 @@ class SweepRun:
             study, plan.space, plan.enqueue or [], self.s.warm_start_from, client, plan.objectives
         ):
             print(note, flush=True)
-        experiment = _tracking_store.experiment_id(client, plan.experiment_name)
+        experiment = _tracking_store.until_reachable(
+            plan.tracking_uri,
+            lambda: _tracking_store.experiment_id(client, plan.experiment_name),
+            quiet=self.is_worker,
+        )
         crash_point("stores-created")
         # handed to every job's process through the environment, never on a command line
         os.environ[_contract.MLFLOW_TRACKING_URI] = plan.tracking_uri
@@ -333,7 +341,7 @@ class SweepRun:
         cpu, gpu = plan.resources.cpu, plan.resources.gpu
         if plan.cluster is None:
             return WorkerPool(
-                self.s.n_jobs, lambda pid, code: self.worker_died(loop), cpu=cpu, gpu=gpu
+                self.s.n_jobs, lambda pid, code: self.worker_died(loop, pid), cpu=cpu, gpu=gpu
             )
         runtime_env = self.s.ray.runtime_env
         return RayWorkers(
@@ -346,23 +354,27 @@ class SweepRun:
             on_death=lambda label, why: self.worker_lost(loop, label, why),
         )
 
-    def worker_died(self, loop: TrialLoop) -> bool:
-        """A worker process of this command died: fail its trial now; replace it if work is left."""
+    def worker_died(self, loop: TrialLoop, pid: int) -> tuple[bool, bool]:
+        """A worker process of this command died: fail its trial now; (whether work is left,
+        whether it trained a trial)."""
         try:
             loop.recover(between_trials=False)  # called from the watcher while this trains
-            return self.work_left(loop)
+            label = {"host": _liveness.machine_key(), "pid": str(pid)}
+            return self.work_left(loop), _liveness.ever_trained(loop.study, label)
         except StorageUnreachable:
-            return False  # this process stops with the same error; the rerun recovers
+            return False, False  # this process stops with the same error; the rerun recovers
 
-    def worker_lost(self, loop: TrialLoop, label: dict[str, str] | None, why: str) -> bool:
+    def worker_lost(
+        self, loop: TrialLoop, label: dict[str, str] | None, why: str
+    ) -> tuple[bool, bool]:
         """A Ray worker is gone (its node, say): fail its trial now, so that another worker
-        continues it from its checkpoint; replace the worker if work is left."""
+        continues it from its checkpoint; (whether work is left, whether it trained a trial)."""
         if label is not None:
             for number in _liveness.fail_trials_of(loop.study, label, why):
                 log.warning("trial %d is marked FAIL: %s", number, why)
             loop.recover(between_trials=False)
             loop.runs.settle(loop.study.get_trials(deepcopy=False))
-        return self.work_left(loop)
+        return self.work_left(loop), _liveness.ever_trained(loop.study, label)
 
     def work_left(self, loop: TrialLoop) -> bool:
         counts = _console.counts(loop.study.get_trials(deepcopy=False))

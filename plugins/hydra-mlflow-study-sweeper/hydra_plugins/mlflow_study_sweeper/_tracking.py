@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from hydra_plugins.mlflow_study_sweeper import _contract, _keys
+from hydra_plugins.mlflow_study_sweeper._delivery import unreachable
 from hydra_plugins.mlflow_study_sweeper._relay import TrackingOffline
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,11 @@ def run_or_none(client: MlflowClient, run_id: str | None):
         return None
     try:
         run = client.get_run(run_id)
-    except MlflowException:
+    except TrackingOffline:
+        raise  # not known while the server is away: not deleted
+    except MlflowException as err:
+        if unreachable(err):
+            raise
         return None
     return run if run.info.lifecycle_stage == "active" else None
 

@@ -6,16 +6,20 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hydra_plugins.mlflow_study_sweeper import _contract, _relay
+from hydra_plugins.mlflow_study_sweeper._delivery import unreachable
 from hydra_plugins.mlflow_study_sweeper._errors import (
     SweepConfigError,
     TrackingUnavailableError,
@@ -31,6 +35,7 @@ from hydra_plugins.mlflow_study_sweeper._sqlite_files import (
 
 # tracking URIs MLflow opens with SQLAlchemy (postgresql+psycopg://... included)
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+T = TypeVar("T")
 
 
 def absolute_uri(uri: str, start_dir: str | os.PathLike | None = None) -> str:
@@ -149,6 +154,27 @@ def wait_for_server(tracking_uri: str, pause_s: float = 2.0) -> None:
         except (TrackingUnavailableError, SweepConfigError):
             time.sleep(pause_s)
             pause_s = min(pause_s * 2, 10.0)
+
+
+def until_reachable(tracking_uri: str, step: Callable[[], T], quiet: bool = False) -> T:
+    """step(), again after the tracking server answers when it could not be reached (reads the
+    relay cannot answer while it is away: a sweep or worker starting during an outage)."""
+    said = quiet
+    while True:
+        try:
+            return step()
+        except Exception as err:
+            if not isinstance(err, _relay.TrackingOffline) and not unreachable(err):
+                raise
+            if not said:
+                print(
+                    f"The MLflow server {mask_url(tracking_uri)} is unreachable; waiting for it "
+                    f"to start the sweep",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
+            wait_for_server(tracking_uri)
 
 
 def check_database(tracking_uri: str, timeout_s: float) -> None:

@@ -16,13 +16,37 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 from hydra_plugins.mlflow_study_sweeper import _contract
 from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError
 
 HAS_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")
-MAX_REPLACEMENTS_PER_WORKER = 3  # a worker that keeps dying points at a real problem
+MAX_IDLE_DEATHS = 3  # a slot whose workers fail this often in a row, untrained: not refilled
+
+
+class Replacements:
+    """Which dead workers are replaced. One killed from outside (a signal: a person, the OOM
+    killer, a preemption; a lost node) is, as is one that trained a trial before it died (its
+    trial took it down, and that trial is failed). A slot whose last MAX_IDLE_DEATHS workers each
+    exited with an error before they trained anything points at a real problem (a worker that
+    cannot start) and is left empty; the others go on."""
+
+    def __init__(self) -> None:
+        self.idle_deaths: Counter[int] = Counter()
+
+    def replace(self, slot: int, work_left: bool, trained: bool, killed: bool) -> bool:
+        self.idle_deaths[slot] = 0 if trained or killed else self.idle_deaths[slot] + 1
+        if self.idle_deaths[slot] == MAX_IDLE_DEATHS:
+            print(
+                f"worker {slot} exited with an error {MAX_IDLE_DEATHS} times in a row before it "
+                f"trained a trial: it is not started again (its output above says why); the "
+                f"other workers go on",
+                file=sys.stderr,
+                flush=True,
+            )
+        return work_left and self.idle_deaths[slot] < MAX_IDLE_DEATHS
 
 
 def worker_command(argv: list[str], extra: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -104,16 +128,16 @@ class WorkerPool:
     def __init__(
         self,
         n_jobs: int,
-        on_death: Callable[[int, int], bool],
+        on_death: Callable[[int, int], tuple[bool, bool]],
         cpu: float | None = None,
         gpu: float | None = None,
         poll_s: float = 0.5,
     ) -> None:
         self.n_extra = n_jobs - 1
-        self.on_death = on_death  # (pid, returncode) -> whether to start a replacement
+        self.on_death = on_death  # (pid, returncode) -> (work is left, it trained a trial)
         self.poll_s = poll_s
         self.procs: list[subprocess.Popen] = []
-        self.replacements = 0
+        self.replacements = Replacements()
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.monitor: threading.Thread | None = None
@@ -166,11 +190,11 @@ class WorkerPool:
                         file=sys.stderr,
                         flush=True,
                     )
-                    again = self.on_death(proc.pid, code)
-                    limit = MAX_REPLACEMENTS_PER_WORKER * self.n_extra
-                    if again and not self.stopping.is_set() and self.replacements < limit:
-                        self.replacements += 1
-                        self.procs[i] = self._spawn(proc.slot)  # type: ignore[attr-defined]
+                    slot = proc.slot  # type: ignore[attr-defined]
+                    work_left, trained = self.on_death(proc.pid, code)
+                    again = self.replacements.replace(slot, work_left, trained, killed=code < 0)
+                    if again and not self.stopping.is_set():
+                        self.procs[i] = self._spawn(slot)
 
     def wait(self) -> None:
         while True:
