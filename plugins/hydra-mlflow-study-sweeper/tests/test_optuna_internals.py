@@ -136,3 +136,22 @@ def test_grid_points_left(tmp_path):
         study.tell(trial, 0.0)
         assert internals.unvisited_grid_points(sampler, study) == left
     assert sampler.exhausted(study)
+
+
+def test_every_call_of_optunas_cache_into_the_storage_waits_out_an_outage():
+    """A study puts Optuna's _CachedStorage in front of an RDBStorage; it calls some private
+    methods of it. Each of them, and every name the retrying storage lists, must be its own
+    (a worker asking for a trial during a PostgreSQL restart once crashed on _set_trial_param)."""
+    import inspect
+    import re
+
+    from optuna.storages import RDBStorage, _cached_storage
+
+    called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_cached_storage)))
+    assert "_set_trial_param" in called  # the pattern still finds them
+    own = internals.RetryingRDBStorage.__dict__
+    # a heartbeat is tried once (its thread must not stall; the next beat comes soon); the
+    # other two read settings, not the database
+    once = {"record_heartbeat", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
+    assert {name for name in called if name not in own} == once
+    assert all(hasattr(RDBStorage, name) for name in internals._RETRIED)

@@ -96,7 +96,6 @@ _RETRIED = (
     "get_study_system_attrs",
     "get_all_studies",
     "create_new_trial",
-    "set_trial_param",
     "get_trial_id_from_study_id_trial_number",
     "get_trial_number_from_id",
     "get_trial_param",
@@ -110,7 +109,12 @@ _RETRIED = (
     "get_trial_params",
     "get_trial_user_attrs",
     "get_trial_system_attrs",
+    # what Optuna's _CachedStorage, which a study puts in front of an RDBStorage, calls instead
+    # of the public methods (a worker asking for a trial during an outage crashed on it)
+    "_create_new_trial",
     "_get_trials",
+    "_get_best_trial_id",
+    "_get_stale_trial_ids",
 )
 Call = Callable[[Callable[[bool], Any]], Any]
 
@@ -147,6 +151,27 @@ class RetryingRDBStorage(RDBStorage):
                 raise
 
         return self._call(attempt)
+
+    def set_trial_param(self, trial_id: int, param_name: str, *args: Any) -> None:
+        self._set_param(RDBStorage.set_trial_param, trial_id, param_name, *args)
+
+    def _set_trial_param(self, trial_id: int, param_name: str, *args: Any) -> None:
+        self._set_param(RDBStorage._set_trial_param, trial_id, param_name, *args)
+
+    def _set_param(self, method: Callable[..., None], trial_id: int, name: str, *args: Any) -> None:
+        def attempt(retrying: bool) -> None:
+            try:
+                method(self, trial_id, name, *args)
+            except Exception:
+                # the attempt before this one was committed, and its answer lost with the
+                # connection: the param is there, with this value (a second insert breaks the
+                # table's unique key)
+                with contextlib.suppress(Exception):
+                    if retrying and RDBStorage.get_trial_param(self, trial_id, name) == args[0]:
+                        return
+                raise
+
+        self._call(attempt)
 
 
 def _retried(name: str) -> Callable[..., Any]:
