@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,6 +62,7 @@ def run_chaos(
     toy = None
     events: collections.Counter = collections.Counter()
     started = time.monotonic()
+    keep = False
     try:
         server = MlflowServer(create_database(pg.url, "mlflow"), folder)
         server.start()
@@ -111,9 +113,14 @@ def run_chaos(
             (folder / f"rerun-{reruns}.log").write_text(again.stdout + again.stderr)
             code = again.returncode
         assert code == 0, (folder / "sweep.log").read_text()[-5000:]
-        check_invariant(toy, n_trials=n_trials)
         trials = toy.study().get_trials()
         runs = toy.all_runs()
+        try:
+            check_invariant(toy, n_trials=n_trials)
+        except AssertionError as err:
+            raise AssertionError(
+                f"{traceback.format_exc(limit=-1)}\n{differences(trials, runs)}"
+            ) from err
         states = collections.Counter(t.state.name for t in trials)
         left = [p for p in (folder / "journal").rglob("*.jsonl") if p.name == "runs.jsonl"]
         kept = [
@@ -122,7 +129,10 @@ def run_chaos(
             if p.name not in ("runs.jsonl", "rejected.jsonl")
         ]
         assert kept == [], kept  # every kept write was delivered
-        assert not any(t.user_attrs.get("mlflow_run_id", "").startswith("offline") for t in trials)
+        provisional = [
+            t.number for t in trials if t.user_attrs.get("mlflow_run_id", "").startswith("offline")
+        ]
+        assert provisional == [], f"trials that kept a provisional run id: {provisional}"
         finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         return {
             "seed": seed,
@@ -137,12 +147,43 @@ def run_chaos(
             ),
             "writes refused": _count_lines(folder / "journal", "rejected.jsonl"),
         }
+    except AssertionError:
+        keep = True  # the stores stay, for a look: PostgreSQL's folder and the sweep's
+        raise
     finally:
         if toy is not None:
             toy.close()
         if server is not None:
             server.stop()
-        pg.remove()
+        if keep:
+            pg.stop()
+            print(f"kept for a look: {folder}, PostgreSQL in {pg.folder} (port {pg.port})")
+        else:
+            pg.remove()
+
+
+def differences(trials: list, runs: list) -> str:
+    """What disagrees between the stores, in a few lines (the soak runs without pytest's
+    assertion messages)."""
+    by_id = {r.info.run_id: r for r in runs}
+    lines = [f"RUNNING runs: {[r.info.run_name for r in runs if r.info.status == 'RUNNING']}"]
+    lines.append(
+        f"parent runs: {[r.info.status for r in runs if r.data.tags.get('sweep.role') == 'sweep']}"
+    )
+    lines.append(f"best runs: {sum(r.data.tags.get('best_run') == 'true' for r in runs)}")
+    for trial in trials:
+        run = by_id.get(trial.user_attrs.get("mlflow_run_id"))
+        if run is None:
+            if trial.state.name != "FAIL":
+                lines.append(f"trial {trial.number} {trial.state.name}: no run")
+            continue
+        tag = run.data.tags.get("optuna.state")
+        if tag != trial.state.name or run.info.status == "RUNNING":
+            lines.append(
+                f"trial {trial.number} {trial.state.name}: run {run.info.run_id} "
+                f"{run.info.status}, optuna.state={tag}, user attrs {trial.user_attrs}"
+            )
+    return "\n".join(lines)
 
 
 def _mapped(files: list[Path]) -> set[str]:

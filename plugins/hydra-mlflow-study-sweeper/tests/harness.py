@@ -249,6 +249,14 @@ def check_invariant(toy: ToyApp, n_trials: int = 3, ends: int = 1) -> None:
         assert run.data.tags["optuna.state"] == trial.state.name, trial.number
         assert run.info.status in expected[trial.state.name], (trial.number, run.info.status)
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    # every trial run, those no trial records included (a worker killed between creating its
+    # run and recording it), agrees with the trial of its number
+    states = {str(t.number): t.state.name for t in trials}
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("sweep.role") == "trial" and tags.get("optuna.study_name") == study.study_name:
+            number = tags["optuna.trial_number"]
+            assert tags["optuna.state"] == states[number], (number, run.info.run_id)
     best = [r for r in runs if r.data.tags.get("best_run") == "true"]
     assert len(best) == 1
     assert best[0].info.run_id == study.best_trial.user_attrs["mlflow_run_id"]

@@ -19,6 +19,7 @@ KILL_POINTS = [
     "mlflow-store-built",
     "stores-created",
     "after-ask",
+    "run-created",
     "after-run-start",
     "epoch-reported:2",
     "after-job",
@@ -31,7 +32,7 @@ KILL_POINTS = [
     "end-parent-closed",
 ]
 # the default run covers one point per phase; .ci/run covers them all
-QUICK = {"after-job", "end-registered"}
+QUICK = {"run-created", "after-job", "end-registered"}
 
 
 @pytest.mark.parametrize(

@@ -243,6 +243,7 @@ class TrialLoop:
         """Run one trial from its run's start to its end; return it as it ended."""
         trial_id = _optuna_internals.trial_id(trial)
         run_id = self.runs.trial_started(trial.number, trial.params)
+        crash_point("run-created")  # a run no trial records yet: SweepRuns.settle closes it
         self.in_flight = run_id
         trial.set_user_attr(_keys.RUN_ID, run_id)
         crash_point("after-run-start")

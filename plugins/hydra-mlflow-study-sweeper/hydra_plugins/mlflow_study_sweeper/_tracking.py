@@ -178,16 +178,18 @@ class SweepRuns:
 
     def settle(self, trials: Iterable[Any]) -> int:
         """Every finished trial's run agrees with it (status, optuna.state); returns how many
-        changed. Covers a worker killed before it closed its run, and one killed between a job
-        ending its run FINISHED and the sweeper recording the trial as something else."""
+        changed. Covers a worker killed before it closed its run, one killed between a job
+        ending its run FINISHED and the sweeper recording the trial as something else, and one
+        killed between creating its run and recording it on the trial (a stray run)."""
+        trials = list(trials)
         finished = [t for t in trials if t.state.is_finished() and _keys.run_id(t)]
-        if not finished:
-            return 0
         try:
+            changed = self.close_strays(trials)
+            if not finished:
+                return changed
             runs = {r.info.run_id: r for r in self.runs_of(finished)}
         except TrackingOffline:  # the tracking server is away: settled when it is back
             return 0
-        changed = 0
         for trial in finished:
             run = runs.get(_keys.run_id(trial))
             status = _keys.run_status(trial)
@@ -202,6 +204,28 @@ class SweepRuns:
             end_run(self.client, run.info.run_id, status, tags)
             changed += 1
         return changed
+
+    def close_strays(self, trials: list[Any]) -> int:
+        """RUNNING trial runs of this study that no trial records, whose trial (by number) is
+        finished: ended as that trial (FAIL: its worker died before it recorded the run)."""
+        by_number = {t.number: t for t in trials if t.state.is_finished()}
+        recorded = {_keys.run_id(t) for t in trials}
+        query = (
+            f"tags.`{_keys.ROLE}` = '{_keys.TRIAL_ROLE}' and "
+            f"tags.`{_keys.STUDY_NAME}` = '{self.study_name}' and attributes.status = 'RUNNING'"
+        )
+        closed = 0
+        for run in search_all(self.client, self.experiment_id, query):
+            number = run.data.tags.get(_keys.TRIAL_NUMBER, "")
+            trial = by_number.get(int(number)) if number.isdigit() else None
+            if run.info.run_id in recorded or trial is None:
+                continue  # its trial's own run, or a trial being trained (recorded any moment)
+            tags = {_keys.STATE: trial.state.name}
+            if trial.state.name == "FAIL":
+                tags[_keys.FAILURE_REASON] = "its worker died before it recorded this run"
+            end_run(self.client, run.info.run_id, _keys.run_status(trial) or "KILLED", tags)
+            closed += 1
+        return closed
 
     def runs_of(self, trials: list[Any]) -> list[Any]:
         """The active runs of these trials, read in a few searches instead of one call each."""
