@@ -80,6 +80,13 @@ def run_chaos(
         proc = subprocess.Popen(
             toy.command(), cwd=toy.path, env=toy.env(**env), stdout=log, stderr=subprocess.STDOUT
         )
+        # the chaos starts once the sweep is under way: its workers started (a storage down at
+        # the very start is one Error line by design: a wrong URL and a restart look the same)
+        under_way = time.monotonic() + 300
+        while len(children(proc.pid)) < n_jobs - 1 and time.monotonic() < under_way:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
         chaos_until = time.monotonic() + chaos_seconds
         while proc.poll() is None and time.monotonic() < chaos_until:
             time.sleep(rng.uniform(1.0, 4.0))

@@ -13,7 +13,6 @@ def test_kills_tracking_outages_and_postgres_crashes_keep_the_invariant(tmp_path
     )
     print(found)
     # the seed makes every kind of fault happen (the invariant itself is checked inside)
-    assert found["workers killed"] >= 1
-    assert found["tracking server outages"] >= 1
-    assert found["PostgreSQL crashes"] >= 1
+    for fault in ("workers killed", "tracking server outages", "PostgreSQL crashes"):
+        assert found.get(fault, 0) >= 1, (fault, found)
     assert found["finished"] == 32

@@ -387,3 +387,32 @@ def test_a_worker_started_during_a_tracking_outage_waits_for_it_then_trains(
         assert len(pids - {str(out.proc.pid), str(first)}) == 1, pids  # the replacement trained
     finally:
         toy.close()
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_goes_away_during_the_end_is_waited_for(
+    tmp_path, stoppable_mlflow_server
+):
+    """Chaos found it: an outage that began after the kept writes were delivered, during the
+    end, crashed it with a traceback (a search the relay cannot answer); the rerun finished it."""
+    server = stoppable_mlflow_server
+    toy = tracked_by(toy_app(tmp_path / "sweep"), server, tmp_path / "journal")
+    pause = tmp_path / "paused"
+    env = {**toy.journal_env, "SWEEP_PAUSE_AT": "end-tagged", "SWEEP_PAUSE_FILE": str(pause)}
+    out = Output(toy.popen("hydra.sweeper.n_trials=2", "epochs=2", env=env))
+    deadline = time.monotonic() + 120
+    while not pause.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pause.exists(), out.text()
+    server.stop()
+    pause.unlink()  # the end goes on: publishing, registering, reporting find the server away
+    time.sleep(10)
+    server.start()
+    text = out.finish()
+    assert out.proc.returncode == 0, text
+    assert "Traceback" not in text, text
+    assert out.count("waiting for it to end the sweep") == 1, text
+    try:
+        nothing_lost(toy, n_trials=2, epochs=2)  # the end done once: one version, one best
+    finally:
+        toy.close()

@@ -16,7 +16,14 @@ import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from hydra_plugins.mlflow_study_sweeper import _console, _keys, _registry, _report, _tracking
+from hydra_plugins.mlflow_study_sweeper import (
+    _console,
+    _keys,
+    _registry,
+    _report,
+    _tracking,
+    _tracking_store,
+)
 from hydra_plugins.mlflow_study_sweeper._claim import EndClaim
 from hydra_plugins.mlflow_study_sweeper._errors import mask_url
 from hydra_plugins.mlflow_study_sweeper._faults import crash_point
@@ -66,7 +73,13 @@ class SweepEnd:
         if claim.value.get("taken_over"):
             log.warning("the end of the sweep was cut short earlier: finishing it now")
         try:
-            result = self.end_steps(study, runs, claim)
+            # a tracking server that goes away during the end is waited for; the steps done
+            # are recorded in the claim, and not done again
+            result = _tracking_store.until_reachable(
+                self.plan.tracking_uri,
+                lambda: self.end_steps(study, runs, claim),
+                what="end the sweep",
+            )
         except BaseException as err:
             claim.release()
             status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
@@ -159,6 +172,8 @@ class SweepEnd:
             hook = instantiate(self.plan.publish, _partial_=True)
             hook(run_id=best_run_id, config=cfg)
         except Exception as err:
+            if _tracking_store.tracking_away(self.plan.tracking_uri, err):
+                raise  # the end waits for the server, then publishes (see finish)
             # the sweep's results stand without a published model; say why there is none
             log.error("the publish hook failed: %s: %s", type(err).__name__, err)
             runs.client.set_tag(

@@ -3,7 +3,8 @@
 A test that must kill a sweep "between the job's end and tell" cannot time a signal:
 - SWEEP_CRASH_AT=<point>[:<n>] SIGKILLs the process the n-th time (default 1) it passes <point>;
 - SWEEP_PAUSE_AT=<point>[:<n>] writes the file named by SWEEP_PAUSE_FILE there and then waits
-  (up to 10 minutes), so that the test can send a signal at a moment it knows.
+  (up to 10 minutes, or until the test deletes that file), so that the test can send a signal,
+  or stop a server, at a moment it knows.
 Both are read from the environment each time, and count passes per process. With
 SWEEP_FAULT_ROLE=worker (or main) only the n_jobs worker processes (or only the first process)
 act on them; with SWEEP_FAULT_ONCE=<file> only the first process to reach the point does (it
@@ -47,7 +48,9 @@ def crash_point(name: str) -> None:
     if _hit(_contract.CRASH_AT, name):
         os.kill(os.getpid(), signal.SIGKILL)
     if _hit(_contract.PAUSE_AT, name):
-        Path(os.environ[_contract.PAUSE_FILE]).write_text(str(os.getpid()))
+        pause_file = Path(os.environ[_contract.PAUSE_FILE])
+        pause_file.write_text(str(os.getpid()))
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:  # a signal handler's exception ends the wait
+        # a signal handler's exception ends the wait, as does the file's removal
+        while time.monotonic() < deadline and pause_file.exists():
             time.sleep(0.1)

@@ -145,36 +145,64 @@ def check_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
         ) from None
 
 
-def wait_for_server(tracking_uri: str, pause_s: float = 2.0) -> None:
-    """Until the tracking server (or database) answers."""
+def wait_for_server(tracking_uri: str, pause_s: float = 2.0) -> bool:
+    """Until the tracking server (or database) answers; whether it had to wait."""
+    waited = False
     while True:
         try:
             check_server(tracking_uri)
-            return
+            return waited
         except (TrackingUnavailableError, SweepConfigError):
             time.sleep(pause_s)
             pause_s = min(pause_s * 2, 10.0)
+            waited = True
 
 
-def until_reachable(tracking_uri: str, step: Callable[[], T], quiet: bool = False) -> T:
-    """step(), again after the tracking server answers when it could not be reached (reads the
-    relay cannot answer while it is away: a sweep or worker starting during an outage)."""
-    said = quiet
+def until_reachable(
+    tracking_uri: str, step: Callable[[], T], quiet: bool = False, what: str = "start the sweep"
+) -> T:
+    """step(), again once the tracking server answers and has what was kept for it, when it
+    could not be reached (reads the relay cannot answer while it is away, the model registry:
+    a sweep or worker starting during an outage, an end during one)."""
+    said, answered = quiet, 0
     while True:
         try:
             return step()
         except Exception as err:
-            if not isinstance(err, _relay.TrackingOffline) and not unreachable(err):
+            if not tracking_away(tracking_uri, err):
+                raise
+            # the server answers, and the step still finds something unreachable (a service of
+            # the app's own, say): not an outage of the server
+            answered = answered + 1 if check_answers(tracking_uri) else 0
+            if answered >= 3:
                 raise
             if not said:
                 print(
                     f"The MLflow server {mask_url(tracking_uri)} is unreachable; waiting for it "
-                    f"to start the sweep",
+                    f"to {what}",
                     file=sys.stderr,
                     flush=True,
                 )
                 said = True
             wait_for_server(tracking_uri)
+            if _relay.ACTIVE is not None:
+                _relay.ACTIVE.wait()
+
+
+def tracking_away(tracking_uri: str, err: BaseException) -> bool:
+    """Whether `err` says that the tracking server at `tracking_uri` could not be reached."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return False
+    return isinstance(err, _relay.TrackingOffline) or unreachable(err)
+
+
+def check_answers(tracking_uri: str) -> bool:
+    """Whether the tracking server answers now, and nothing is kept for it."""
+    try:
+        check_server(tracking_uri)
+    except (TrackingUnavailableError, SweepConfigError):
+        return False
+    return _relay.ACTIVE is None or not _relay.ACTIVE.queued()
 
 
 def check_database(tracking_uri: str, timeout_s: float) -> None:
