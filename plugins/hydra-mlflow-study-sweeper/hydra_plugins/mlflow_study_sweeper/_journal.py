@@ -4,6 +4,7 @@ writes on disk, this process's knowledge of the runs it touched, and provisional
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -126,10 +127,7 @@ class Shadow:
         with self.lock:
             record = self.runs.get(old)
             if record is not None and new not in self.runs:
-                record = json.loads(json.dumps(record, default=_metric_json))
-                record["history"] = {
-                    k: [Metric(*m) for m in v] for k, v in record["history"].items()
-                }
+                record = copy.deepcopy(record)
                 record["info"]["run_id"] = new
                 self._keep(new, record)
 
@@ -152,12 +150,6 @@ class Shadow:
         with self.lock:
             record = self.runs.get(run_id)
             return None if record is None else list(record["history"].get(key, []))
-
-
-def _metric_json(value: Any) -> Any:
-    if isinstance(value, Metric):
-        return [value.key, value.value, value.timestamp, value.step]
-    raise TypeError(type(value).__name__)
 
 
 # ---- the journal on disk ---------------------------------------------------------------------

@@ -145,17 +145,15 @@ def check_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
         ) from None
 
 
-def wait_for_server(tracking_uri: str, pause_s: float = 2.0) -> bool:
-    """Until the tracking server (or database) answers; whether it had to wait."""
-    waited = False
+def wait_for_server(tracking_uri: str, pause_s: float = 2.0) -> None:
+    """Until the tracking server (or database) answers."""
     while True:
         try:
             check_server(tracking_uri)
-            return waited
+            return
         except (TrackingUnavailableError, SweepConfigError):
             time.sleep(pause_s)
             pause_s = min(pause_s * 2, 10.0)
-            waited = True
 
 
 def until_reachable(
