@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import optuna
-from hydra_plugins.mlflow_study_sweeper._keys import curve
+from mlflow_study_sweeper.keys import curve
 from optuna.trial import TrialState
 
 from benchmarks.common import DATA_HELP, data_folder, describe_data, limit_batches, run_sweep

@@ -17,7 +17,7 @@ from typing import Any
 import mlflow
 import pytorch_lightning as pl
 import torch
-from hydra_plugins.mlflow_study_sweeper.job import (
+from mlflow_study_sweeper import (
     CHECKPOINT_DIR,
     Continuation,
     checkpoint_artifact,

@@ -18,7 +18,7 @@ from typing import Any
 import mlflow
 import pytorch_lightning as pl
 import torch
-from hydra_plugins.mlflow_study_sweeper.job import PruningCallback, continues, current_trial
+from mlflow_study_sweeper import PruningCallback, continues, current_trial
 from omegaconf import DictConfig
 
 from mnist import resume

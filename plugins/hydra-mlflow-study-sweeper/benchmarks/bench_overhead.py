@@ -133,10 +133,10 @@ def timed(cls, name, key):
 
 
 # a trial's job, whole (its config made, Hydra's per-job output, the task), and the task alone
-from hydra_plugins.mlflow_study_sweeper import _launch
+from mlflow_study_sweeper.trial import launch
 
-timed(_launch.InProcessJobs, "run", "job")
-made = _launch.InProcessJobs.__init__
+timed(launch.InProcessJobs, "run", "job")
+made = launch.InProcessJobs.__init__
 
 
 def init(self, hydra_context, task_function, *args, **kwargs):
@@ -150,7 +150,7 @@ def init(self, hydra_context, task_function, *args, **kwargs):
     made(self, hydra_context, task, *args, **kwargs)
 
 
-_launch.InProcessJobs.__init__ = init
+launch.InProcessJobs.__init__ = init
 atexit.register(lambda: print("COUNTS " + json.dumps({"calls": calls, "seconds": seconds})))
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -26,7 +26,7 @@ from hydra.core.singleton import Singleton
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hydra_plugins.mlflow_study_sweeper import _optuna_internals
+from mlflow_study_sweeper.storage import optuna_internals
 
 APPS = Path(__file__).resolve().parent / "apps"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -267,6 +267,6 @@ def check_invariant(toy: ToyApp, n_trials: int = 3, ends: int = 1) -> None:
     assert newest.run_id == best[0].info.run_id
     if ends == 1:
         assert str(client.get_model_version_by_alias("toy-model", "champion").version) == "1"
-    attrs = _optuna_internals.study_system_attrs(study)
+    attrs = optuna_internals.study_system_attrs(study)
     claims = {k: v for k, v in attrs.items() if k.startswith("mlflow_optuna.end.")}
     assert [c["state"] for c in claims.values()] == ["done"] * ends

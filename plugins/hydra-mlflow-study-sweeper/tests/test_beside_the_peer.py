@@ -17,7 +17,7 @@ import pytest
 from harness import APPS, clean_env
 from mlflow.tracking import MlflowClient
 
-from hydra_plugins.mlflow_study_sweeper._sqlite_files import CACHE
+from mlflow_study_sweeper.databases import CACHE
 
 PEER = "hydra-optuna-mlflow-sweeper==0.1.3"
 

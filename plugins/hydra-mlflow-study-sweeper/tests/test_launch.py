@@ -10,8 +10,8 @@ import re
 import pytest
 from harness import APPS, clean_env, run_in_process
 
-from hydra_plugins.mlflow_study_sweeper import _launch
-from hydra_plugins.mlflow_study_sweeper._launch import override_dirname
+from mlflow_study_sweeper.trial import launch
+from mlflow_study_sweeper.trial.launch import override_dirname
 
 PROBE = APPS / "probe" / "probe_app.py"
 # what may differ between two sweeps: their folders, and the ids MLflow and Optuna hand out
@@ -21,13 +21,13 @@ IDS = re.compile(r"[0-9a-f]{32}|(?<=SWEEP_TRIAL_ID[=:] )'?\d+'?|(?<=TRIAL_ID=)\d
 def sweep(path, monkeypatch, through_hydra: bool) -> dict[str, str]:
     """The probe app's 3 trials; every file its jobs left, path-independent."""
     if through_hydra:
-        made = _launch.InProcessJobs.__init__
+        made = launch.InProcessJobs.__init__
 
         def via_hydra(self, *args, **kwargs):
             made(self, *args, **kwargs)
             self.through_hydra = True
 
-        monkeypatch.setattr(_launch.InProcessJobs, "__init__", via_hydra)
+        monkeypatch.setattr(launch.InProcessJobs, "__init__", via_hydra)
     path.mkdir()
     argv = [
         str(PROBE),

@@ -11,9 +11,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.mlflow_study_sweeper import _optuna_internals as internals
-from hydra_plugins.mlflow_study_sweeper._samplers import ExhaustibleGridSampler
-from hydra_plugins.mlflow_study_sweeper._study import make_storage, optuna_quietly
+from mlflow_study_sweeper.search.samplers import ExhaustibleGridSampler
+from mlflow_study_sweeper.storage import optuna_internals as internals
+from mlflow_study_sweeper.storage.studies import make_storage, optuna_quietly
 
 
 @pytest.fixture(params=["sqlite", "journal", "memory"])

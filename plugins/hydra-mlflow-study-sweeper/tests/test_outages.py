@@ -165,7 +165,7 @@ def closed_port_error() -> Exception:
 def test_a_refused_connection_is_waited_for_and_a_constraint_is_not(tmp_path):
     import sqlalchemy
 
-    from hydra_plugins.mlflow_study_sweeper._outage import unreachable
+    from mlflow_study_sweeper.storage.outages import unreachable
 
     assert unreachable(closed_port_error())
     engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path}/x.db")
@@ -179,7 +179,7 @@ def test_a_refused_connection_is_waited_for_and_a_constraint_is_not(tmp_path):
 
 
 def test_the_limit_stops_every_later_call_with_one_message(capsys):
-    from hydra_plugins.mlflow_study_sweeper._outage import Outages, StorageUnreachable
+    from mlflow_study_sweeper.storage.outages import Outages, StorageUnreachable
 
     refused = closed_port_error()
     outages = Outages("postgresql://u:secret@db/x", limit_s=1.2)
@@ -204,7 +204,7 @@ def test_the_limit_stops_every_later_call_with_one_message(capsys):
 
 
 def test_an_outage_then_an_answer_says_so_once_and_keeps_heartbeats_unjudged(capsys):
-    from hydra_plugins.mlflow_study_sweeper._outage import Outages
+    from mlflow_study_sweeper.storage.outages import Outages
 
     refused = closed_port_error()
     outages = Outages("postgresql://db/x", limit_s=60)
@@ -233,7 +233,7 @@ def lost_answers(fn):
 def test_writes_whose_answer_was_lost_are_not_counted_twice_nor_refused(tmp_path):
     import optuna
 
-    from hydra_plugins.mlflow_study_sweeper import _optuna_internals as internals
+    from mlflow_study_sweeper.storage import optuna_internals as internals
 
     url = f"sqlite:///{tmp_path}/optuna.db"
     # a lost create_new_study reads as "it exists" on the retry: the sweep then loads it, and
@@ -360,7 +360,7 @@ def test_a_worker_started_during_a_tracking_outage_waits_for_it_then_trains(
     deleted one."""
     from chaos import children
 
-    from hydra_plugins.mlflow_study_sweeper import _keys
+    from mlflow_study_sweeper import keys
 
     server = stoppable_mlflow_server
     toy = tracked_by(toy_app(tmp_path / "sweep"), server, tmp_path / "journal")
@@ -383,7 +383,7 @@ def test_a_worker_started_during_a_tracking_outage_waits_for_it_then_trains(
     assert "Traceback" not in text and "not started again" not in text, text
     try:
         nothing_lost(toy, n_trials=12, epochs=3)  # one parent run among them
-        pids = {_keys.worker(t)[1] for t in toy.study().get_trials()}
+        pids = {keys.worker(t)[1] for t in toy.study().get_trials()}
         assert len(pids - {str(out.proc.pid), str(first)}) == 1, pids  # the replacement trained
     finally:
         toy.close()

@@ -16,10 +16,10 @@ import yaml
 from harness import error_lines, ok
 from optuna.trial import TrialState, create_trial
 
-from hydra_plugins.mlflow_study_sweeper import _optuna_internals
-from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError
-from hydra_plugins.mlflow_study_sweeper._keys import CURVE, curve
-from hydra_plugins.mlflow_study_sweeper._objectives import Objectives
+from mlflow_study_sweeper.errors import SweepConfigError
+from mlflow_study_sweeper.keys import CURVE, curve
+from mlflow_study_sweeper.search.objectives import Objectives
+from mlflow_study_sweeper.storage import optuna_internals
 
 TWO = ("pareto=true", "hydra.sweeper.metric=[f1,f2]", "hydra.sweeper.direction=[minimize,minimize]")
 NO_EPOCHS = "epochs=0"  # the toy sweep reports 3 epochs unless told otherwise
@@ -310,8 +310,8 @@ def test_what_a_multi_objective_job_may_return(returned, message):
 @pytest.mark.parametrize("pruner", ["median", "percentile", "successive_halving", "threshold"])
 def test_each_pruner_named_in_the_readme_judges_a_multi_objective_curve(pruner):
     """Through the sweeper's view: its rule on the first objective's per-epoch values."""
-    from hydra_plugins.mlflow_study_sweeper._objectives import FirstObjective, with_curve
-    from hydra_plugins.mlflow_study_sweeper._samplers import make_pruner
+    from mlflow_study_sweeper.search.objectives import FirstObjective, with_curve
+    from mlflow_study_sweeper.search.samplers import make_pruner
 
     rule = make_pruner({"name": pruner, **({"lower": 0.5} if pruner == "threshold" else {})})
     study = optuna.create_study(directions=["maximize", "minimize"], pruner=rule)
@@ -320,9 +320,9 @@ def test_each_pruner_named_in_the_readme_judges_a_multi_objective_curve(pruner):
         trial = study.ask()
         for step in range(3):
             curve_so_far = {str(s): 1.0 - 0.1 * i - 0.01 * (2 - s) for s in range(step + 1)}
-            trial_id = _optuna_internals.trial_id(trial)
-            _optuna_internals.set_trial_system_attr(study, trial_id, CURVE, curve_so_far)
-            frozen = with_curve(_optuna_internals.frozen(study, trial_id))
+            trial_id = optuna_internals.trial_id(trial)
+            optuna_internals.set_trial_system_attr(study, trial_id, CURVE, curve_so_far)
+            frozen = with_curve(optuna_internals.frozen(study, trial_id))
             decisions.append(rule.prune(FirstObjective(study), frozen))
         study.tell(trial, [1.0 - 0.1 * i, float(i)])
     assert any(decisions)  # the rule ran on the curves (and could stop the worse trials)
@@ -330,7 +330,7 @@ def test_each_pruner_named_in_the_readme_judges_a_multi_objective_curve(pruner):
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random", "gp"])
 def test_each_sampler_named_in_the_readme_samples_two_objectives(sampler):
-    from hydra_plugins.mlflow_study_sweeper._samplers import make_sampler
+    from mlflow_study_sweeper.search.samplers import make_sampler
 
     space = {"x": optuna.distributions.FloatDistribution(-1, 1)}
     study = optuna.create_study(

@@ -18,8 +18,8 @@ import yaml
 from harness import APPS, check_invariant, clean_env, error_lines, ok, run_in_process, toy_app
 from optuna.trial import TrialState
 
-from hydra_plugins.mlflow_study_sweeper import _keys
-from hydra_plugins.mlflow_study_sweeper._workers import Replacements, gpu_assignment
+from mlflow_study_sweeper import keys
+from mlflow_study_sweeper.backends.local import Replacements, gpu_assignment
 
 pytest.importorskip("ray")  # the [ray] extra, which the test extra installs
 # ray.cluster_utils.Cluster.shutdown kills a fake node's processes without waiting for every
@@ -97,7 +97,7 @@ def test_a_killed_or_trained_worker_is_always_replaced_and_one_that_cannot_start
     ],
 )
 def test_local_gpus_that_cannot_fit_are_refused(n, gpus, share, message):
-    from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError
+    from mlflow_study_sweeper.errors import SweepConfigError
 
     with pytest.raises(SweepConfigError, match=message):
         gpu_assignment(n, gpus, share)
@@ -118,7 +118,7 @@ def test_a_local_ray_instance_runs_two_workers_and_the_invariant_holds(tmp_path)
     ok(proc)
     check_invariant(toy, n_trials=6)
     assert proc.stdout.count(" runs on node ") == 2
-    workers = {_keys.worker(t) for t in toy.study().get_trials()}
+    workers = {keys.worker(t) for t in toy.study().get_trials()}
     assert len(workers) == 2  # both actors' workers trained trials
     toy.close()
 

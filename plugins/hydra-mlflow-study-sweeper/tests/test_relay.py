@@ -1,4 +1,4 @@
-"""The relay between a sweep's process and its MLflow tracking server (see _relay.py): writes kept
+"""The relay between a sweep's process and its MLflow tracking server (see stores.py): writes kept
 on disk while the server is away and delivered in order, runs created once, a refused write
 set aside, reads answered from what the process knows. Against a real `mlflow server` on a
 SQLite backend, stopped and started by the tests; MLflow's private registries pinned.
@@ -18,14 +18,9 @@ from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer
 
-from hydra_plugins.mlflow_study_sweeper import (
-    _delivery,
-    _journal,
-    _keys,
-    _relay,
-    _tracking,
-    _tracking_store,
-)
+from mlflow_study_sweeper import keys
+from mlflow_study_sweeper.tracking import lifecycle, store
+from mlflow_study_sweeper.tracking.relay import delivery, journal, stores
 
 
 @pytest.fixture
@@ -37,11 +32,11 @@ def server(tmp_path):
 @pytest.fixture
 def relay(server, tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEP_JOURNAL_DIR", str(tmp_path / "journal"))
-    relay = _relay.install(server.url)
+    relay = stores.install(server.url)
     try:
         yield relay
     finally:
-        _relay.uninstall()
+        stores.uninstall()
 
 
 def test_the_store_and_the_artifact_repository_are_the_relays_for_its_server_only(
@@ -52,15 +47,15 @@ def test_the_store_and_the_artifact_repository_are_the_relays_for_its_server_onl
 
     monkeypatch.setenv("SWEEP_JOURNAL_DIR", str(tmp_path))
     url = "http://127.0.0.1:9"  # nothing is sent: the stores are only built
-    relay = _relay.install(url)
+    relay = stores.install(url)
     try:
         assert MlflowClient(url)._tracking_client.store is relay.store
         other = "http://127.0.0.1:10"
         assert type(MlflowClient(other)._tracking_client.store) is RestStore
         repo = get_artifact_repository("mlflow-artifacts:/1/x/artifacts", tracking_uri=url)
-        assert isinstance(repo, _relay.RelayArtifacts)
+        assert isinstance(repo, stores.RelayArtifacts)
     finally:
-        _relay.uninstall()
+        stores.uninstall()
     assert type(MlflowClient(url)._tracking_client.store) is RestStore
 
 
@@ -76,7 +71,7 @@ def test_writes_while_the_server_is_away_are_kept_in_order_and_delivered(
     client.log_metric(before, "m", 2.0, step=1)  # finds it away: kept, and the relay is offline
     started = time.monotonic()
     run = client.create_run(experiment, tags={"t": "v"}).info.run_id
-    assert _journal.is_provisional(run)
+    assert journal.is_provisional(run)
     client.log_param(run, "p", "1")
     client.log_metric(run, "m", 5.0, step=0)
     (tmp_path / "f.txt").write_text("kept")
@@ -88,7 +83,7 @@ def test_writes_while_the_server_is_away_are_kept_in_order_and_delivered(
     assert client.get_run(run).info.status == "FINISHED"
     assert client.get_run(run).data.params == {"p": "1"}
     assert [f.path for f in client.list_artifacts(run, "files")] == ["files/f.txt"]
-    with pytest.raises(_relay.TrackingOffline):
+    with pytest.raises(stores.TrackingOffline):
         client.search_runs([experiment])
     kept = relay.journal.waiting()
     assert [e["op"] for e in kept] == [
@@ -97,11 +92,11 @@ def test_writes_while_the_server_is_away_are_kept_in_order_and_delivered(
     server.start()
     assert relay.wait(time.time() + 60)
     real = relay.real(run)
-    assert not _journal.is_provisional(real) and _keys.RUN_ID_ALIASES[run] == real
+    assert not journal.is_provisional(real) and keys.RUN_ID_ALIASES[run] == real
     delivered = client.get_run(real)
     assert delivered.info.status == "FINISHED" and delivered.data.params == {"p": "1"}
     assert delivered.data.tags["mentions"] == f"run {real}"
-    assert delivered.data.tags[_keys.CLIENT_KEY] == run
+    assert delivered.data.tags[keys.CLIENT_KEY] == run
     assert [(m.step, m.value) for m in client.get_metric_history(before, "m")] == [
         (0, 1.0),
         (1, 2.0),
@@ -128,7 +123,7 @@ def test_a_run_made_in_one_outage_logs_its_files_through_the_next(relay, server,
     server.start()
     assert relay.wait(time.time() + 60)
     real = relay.real(run)
-    assert not _journal.is_provisional(real)
+    assert not journal.is_provisional(real)
     server.stop()
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).write_text(name)
@@ -150,14 +145,14 @@ def test_reads_it_cannot_answer_wait_for_the_server_and_an_unknown_run_is_not_de
     experiment = client.create_experiment("e")
     parent = RestStore.create_run(relay.store, experiment, "u", 0, [], "parent").info.run_id
     server.stop()
-    with pytest.raises(_relay.TrackingOffline):
-        _tracking.run_or_none(client, parent)
+    with pytest.raises(stores.TrackingOffline):
+        lifecycle.run_or_none(client, parent)
     threading.Timer(3, server.start).start()
 
     def start_up():
-        return _tracking_store.experiment_id(client, "e"), _tracking.run_or_none(client, parent)
+        return store.experiment_id(client, "e"), lifecycle.run_or_none(client, parent)
 
-    found, run = _tracking_store.until_reachable(server.url, start_up)
+    found, run = store.until_reachable(server.url, start_up)
     assert found == experiment and run.info.run_id == parent
     assert capsys.readouterr().err.count("waiting for it to start the sweep") == 1
 
@@ -168,9 +163,9 @@ def test_a_run_whose_answer_was_lost_is_not_created_twice(relay, server):
     its client key."""
     client = MlflowClient(server.url)
     experiment = client.create_experiment("e")
-    key = _journal.new_key()
+    key = journal.new_key()
     made = RestStore.create_run(
-        relay.store, experiment, "u", 0, [RunTag(_keys.CLIENT_KEY, key)], "lost"
+        relay.store, experiment, "u", 0, [RunTag(keys.CLIENT_KEY, key)], "lost"
     )
     entry = {
         "op": "create_run",
@@ -178,7 +173,7 @@ def test_a_run_whose_answer_was_lost_is_not_created_twice(relay, server):
         "experiment_id": experiment,
         "user_id": "u",
         "start_time": 0,
-        "tags": {_keys.CLIENT_KEY: key},
+        "tags": {keys.CLIENT_KEY: key},
         "run_name": "lost",
     }
     with relay.lock:
@@ -226,10 +221,10 @@ def test_a_server_that_answers_503_is_away_and_a_404_is_not(monkeypatch):
     try:
         with pytest.raises(MlflowException) as info:
             MlflowClient(f"http://127.0.0.1:{httpd.server_port}").get_run("a" * 32)
-        assert _delivery.unreachable(info.value)
+        assert delivery.unreachable(info.value)
     finally:
         httpd.shutdown()
         httpd.server_close()
-    assert not _delivery.unreachable(
+    assert not delivery.unreachable(
         MlflowException("no such run", error_code="RESOURCE_DOES_NOT_EXIST")
     )

@@ -4,10 +4,10 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError
-from hydra_plugins.mlflow_study_sweeper._samplers import make_pruner, make_sampler
-from hydra_plugins.mlflow_study_sweeper._space import parse
 from hydra_plugins.mlflow_study_sweeper.cli import quote_search_space_args
+from mlflow_study_sweeper.errors import SweepConfigError
+from mlflow_study_sweeper.search.grammar import parse
+from mlflow_study_sweeper.search.samplers import make_pruner, make_sampler
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""The sweeper's shape: declared layers, Optuna's and MLflow's private names each in one module,
-no torch, a light plugin scan."""
+"""The sweeper's shape: a facade for Hydra over a core in subpackages, declared layers, Optuna's
+and MLflow's private names each in one module, no torch, a light plugin scan, no module-level
+value written by one module and read by another, the environment written in one place."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ from pathlib import Path
 
 import tomllib
 
-import hydra_plugins.mlflow_study_sweeper as package
+import hydra_plugins.mlflow_study_sweeper as facade
+import mlflow_study_sweeper as core
 
 PLUGIN = Path(__file__).resolve().parent.parent
-SOURCE = Path(package.__file__).parent
-MODULES = sorted(p.stem for p in SOURCE.glob("*.py") if p.stem != "__init__")
-# every private name of Optuna the sweeper needs; only _optuna_internals may use them
+CORE = Path(core.__file__).parent
+FACADE = Path(facade.__file__).parent
+# every module of the core, by its dotted name under the core ("sweep.loop", "keys")
+MODULES = sorted(
+    ".".join(p.relative_to(CORE).with_suffix("").parts)
+    for p in CORE.rglob("*.py")
+    if p.name != "__init__.py"
+)
+# every private name of Optuna the sweeper needs; only storage.optuna_internals may use them
 OPTUNA_PRIVATE = {
     "_storage",
     "_study_id",
@@ -29,18 +37,37 @@ OPTUNA_PRIVATE = {
 
 
 def tree(module: str) -> ast.Module:
-    return ast.parse((SOURCE / f"{module}.py").read_text())
+    return ast.parse((CORE / (module.replace(".", "/") + ".py")).read_text())
 
 
-def test_every_module_is_in_a_declared_layer():
-    config = tomllib.loads((PLUGIN / "pyproject.toml").read_text())["tool"]["importlinter"]
-    (contract,) = [c for c in config["contracts"] if c["type"] == "layers"]
-    named = {m.strip() for layer in contract["layers"] for m in layer.split("|")}
-    assert sorted(named) == MODULES  # a new module must be placed, so its imports are checked
+def contracts() -> list[dict]:
+    return tomllib.loads((PLUGIN / "pyproject.toml").read_text())["tool"]["importlinter"][
+        "contracts"
+    ]
+
+
+def test_the_facade_is_what_hydras_scan_imports_and_no_more():
+    assert sorted(p.name for p in FACADE.glob("*.py")) == [
+        "__init__.py",
+        "cli.py",
+        "config.py",
+        "job.py",
+        "mlflow_study_sweeper.py",
+    ]
+    assert not [p for p in FACADE.iterdir() if p.is_dir() and p.name != "__pycache__"]
+
+
+def test_every_module_of_the_core_is_in_a_declared_layer():
+    (layers,) = [c for c in contracts() if c.get("containers") == ["mlflow_study_sweeper"]]
+    named = {m.strip() for layer in layers["layers"] for m in layer.split("|")}
+    # a subpackage's layer holds all its modules; a module at the top has a layer of its own
+    placed = {m for m in MODULES if m.split(".")[0] in named}
+    assert placed == set(MODULES)
+    assert named == {m.split(".")[0] for m in MODULES}  # no layer names a package that is gone
 
 
 def test_the_layers_hold():
-    """import-linter's layers contract (independent siblings: no cycle is possible either)."""
+    """import-linter's contracts: the facade over the core, and the core's subpackages."""
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "lint-imports")],
         cwd=PLUGIN,
@@ -48,13 +75,13 @@ def test_the_layers_hold():
         text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "1 kept, 0 broken" in proc.stdout
+    assert "2 kept, 0 broken" in proc.stdout
 
 
 def test_only_optuna_internals_touches_optunas_private_names():
     found = []
     for module in MODULES:
-        if module == "_optuna_internals":
+        if module == "storage.optuna_internals":
             continue
         for node in ast.walk(tree(module)):
             if isinstance(node, ast.Attribute) and node.attr in OPTUNA_PRIVATE:
@@ -67,7 +94,7 @@ def test_only_optuna_internals_touches_optunas_private_names():
     assert found == []
     uses = [
         node.attr
-        for node in ast.walk(tree("_optuna_internals"))
+        for node in ast.walk(tree("storage.optuna_internals"))
         if isinstance(node, ast.Attribute) and node.attr in OPTUNA_PRIVATE
     ]
     assert set(uses) == OPTUNA_PRIVATE  # the list above is the one in use
@@ -76,15 +103,15 @@ def test_only_optuna_internals_touches_optunas_private_names():
 def test_only_mlflow_internals_touches_mlflows_private_names():
     found = []
     for module in MODULES:
-        if module == "_mlflow_internals":
+        if module == "tracking.mlflow_internals":
             continue
         for node in ast.walk(tree(module)):
             names = []
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlflow"):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlflow."):
                 names = [*node.module.split("."), *(a.name for a in node.names)]
             elif isinstance(node, ast.Import):
                 names = [
-                    p for a in node.names if a.name.startswith("mlflow") for p in a.name.split(".")
+                    p for a in node.names if a.name.startswith("mlflow.") for p in a.name.split(".")
                 ]
             if any(n.startswith("_") for n in names):
                 found.append(f"{module}:{node.lineno}")
@@ -103,7 +130,7 @@ def test_no_module_imports_torch_and_only_the_callback_imports_lightning():
             for name in names:
                 imports.setdefault(name.split(".")[0], set()).add(module)
     assert "torch" not in imports
-    assert imports.get("pytorch_lightning") == {"_lightning"}
+    assert imports.get("pytorch_lightning") == {"trial.lightning"}
     assert "lightning" not in imports
 
 
@@ -115,3 +142,38 @@ def test_hydras_plugin_scan_imports_neither_optuna_nor_mlflow():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_short_job_import_loads_the_standard_library_only():
+    code = (
+        "import sys; from mlflow_study_sweeper import report, continues, checkpoint_saved; "
+        "print(sorted(m for m in ('optuna', 'mlflow', 'hydra', 'sqlalchemy') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_old_job_import_is_the_new_one():
+    import mlflow_study_sweeper as new
+    from hydra_plugins.mlflow_study_sweeper import job
+    from hydra_plugins.mlflow_study_sweeper.job import (
+        PruningCallback as OldCallback,
+    )
+    from hydra_plugins.mlflow_study_sweeper.job import (
+        checkpoint_saved,
+        continues,
+        current_trial,
+        report,
+    )
+
+    assert (report, continues, checkpoint_saved, current_trial) == (
+        new.report,
+        new.continues,
+        new.checkpoint_saved,
+        new.current_trial,
+    )
+    assert OldCallback is new.PruningCallback
+    assert sorted(job.__all__) == sorted(new.__all__)
+    for name in new.__all__:
+        assert getattr(job, name) is getattr(new, name)

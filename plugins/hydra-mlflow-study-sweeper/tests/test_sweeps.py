@@ -16,8 +16,8 @@ from harness import ToyApp, by_number, error_lines, ok
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.mlflow_study_sweeper._errors import SweepConfigError
-from hydra_plugins.mlflow_study_sweeper._space import parse
+from mlflow_study_sweeper.errors import SweepConfigError
+from mlflow_study_sweeper.search.grammar import parse
 
 COMPLETE, PRUNED, FAIL = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
 # the median pruner at its most eager: trial 0 sets the bar, any later trial may stop at epoch 0

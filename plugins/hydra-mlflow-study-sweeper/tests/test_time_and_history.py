@@ -187,8 +187,8 @@ def test_the_budget_judges_a_trial_by_its_epochs_not_by_pruned_durations():
     from optuna.distributions import FloatDistribution
     from optuna.trial import FrozenTrial
 
-    from hydra_plugins.mlflow_study_sweeper._budget import expected_seconds
-    from hydra_plugins.mlflow_study_sweeper._keys import EPOCH_CLOCK
+    from mlflow_study_sweeper.keys import EPOCH_CLOCK
+    from mlflow_study_sweeper.sweep.budget import expected_seconds
 
     start = datetime.datetime(2026, 1, 1, 12, 0, 0)
     t0 = start.timestamp()

@@ -1,5 +1,6 @@
-"""A Hydra sweeper for any app: an Optuna study (ask/tell) whose trials are MLflow child runs.
+"""The Hydra plugin: the sweeper `mlflow_study` that Hydra's plugin scan finds.
 
-What Hydra's plugin scan imports (this package, `config`, `mlflow_study_sweeper`, `job`, `cli`)
-stays light; the work lives in the `_`-prefixed modules, which the scan skips.
+Only the facade lives here (`config`, `mlflow_study_sweeper`, and `job` and `cli` under their
+first names); the scan imports each of them, so they load Hydra and the standard library only.
+The work lives in the `mlflow_study_sweeper` package beside this one, loaded when a sweep runs.
 """

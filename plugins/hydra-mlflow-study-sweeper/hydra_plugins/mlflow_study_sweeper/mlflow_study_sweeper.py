@@ -37,7 +37,7 @@ class MlflowStudySweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         # optuna and mlflow load here, when a sweep runs, not when Hydra scans plugins
-        from hydra_plugins.mlflow_study_sweeper._sweep import run_sweep
+        from mlflow_study_sweeper.sweep.command import run_sweep
 
         return run_sweep(
             self.settings, self.hydra_context, self.task_function, self.config, arguments

@@ -9,7 +9,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from hydra_plugins.mlflow_study_sweeper.job import checkpoint_saved, continues, report
+from mlflow_study_sweeper import checkpoint_saved, continues, report
 
 
 @hydra.main(version_base="1.3", config_path=".", config_name="config")

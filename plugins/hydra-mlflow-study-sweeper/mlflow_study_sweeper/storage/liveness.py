@@ -1,0 +1,188 @@
+"""Who trains a trial, whether it still lives, and the trials of workers that died.
+
+A dead process on this machine is found at once (its pid is gone); a worker on another machine
+by its heartbeat going silent (RDB storages). Machines are told apart by hostname, boot id and
+process namespace, so containers that share a hostname and pid 1 are not confused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mlflow_study_sweeper import contract, keys
+from mlflow_study_sweeper.storage import optuna_internals, outages
+from mlflow_study_sweeper.storage.studies import fail_trial
+
+# a trial shorter than this never writes a heartbeat: a toy trial costs no extra write
+FIRST_BEAT_S = 1.0
+
+
+def machine_key() -> str:
+    """This machine and process namespace: hostnames alone repeat across containers."""
+    if os.environ.get(contract.HOST_ID):
+        return os.environ[contract.HOST_ID]
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))  # one per pid namespace
+    return ":".join(parts)
+
+
+def worker_label() -> dict[str, str]:
+    """This process, as trials, the study's creator and the end's claim record it."""
+    return {"host": machine_key(), "pid": str(os.getpid())}
+
+
+def label_of(value: dict[str, Any]) -> dict[str, str]:
+    """The worker label in a record (a claim, the study's creator), older layouts included."""
+    if "host" in value:
+        return {"host": value["host"], "pid": str(value.get("pid"))}
+    return {
+        "host": value.get(keys.LEGACY_WORKER_HOST),
+        "pid": str(value.get(keys.LEGACY_WORKER_PID)),
+    }
+
+
+def host_name(machine: str | None) -> str:
+    return str(machine).split(":")[0]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (killed, not yet reaped by its parent) has stopped working all the same
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def is_alive_here(label: dict[str, str] | None) -> bool | None:
+    """True or False for a process of this machine; None for one elsewhere (or no label)."""
+    if not label or label.get("host") != machine_key():
+        return None
+    return pid_alive(int(label["pid"]))
+
+
+def label_trial(study: optuna.Study, trial_id: int) -> None:
+    optuna_internals.set_trial_system_attr(study, trial_id, keys.WORKER, worker_label())
+
+
+def watched(study: optuna.Study) -> bool:
+    """Whether trials of other machines have heartbeats here (RDB storages)."""
+    return optuna_internals.heartbeat_interval(study) is not None
+
+
+def fail_orphaned_trials(
+    study: optuna.Study,
+    grace_s: float,
+    own_trials_are_dead: bool = True,
+    trials: list[FrozenTrial] | None = None,
+) -> list[tuple[int, str]]:
+    """Mark FAIL the RUNNING trials whose worker is gone; return (number, reason) for each.
+
+    Between trials, a RUNNING trial of this very process is one it left when interrupted (or
+    of an earlier process with the same pid); called while this process trains
+    (`own_trials_are_dead=False`), it is the live one. A trial that no worker ever labelled (its
+    `ask` failed half-way), or whose worker elsewhere never beat, is failed after `grace_s`.
+    """
+    running = [
+        t
+        for t in (trials if trials is not None else study.get_trials(deepcopy=False))
+        if t.state == TrialState.RUNNING
+    ]
+    if not running:
+        return []
+    me, now = machine_key(), datetime.datetime.now()
+    ages = optuna_internals.heartbeat_ages(study) if watched(study) else {}
+    # after a storage outage, no worker could beat while it lasted: silence is judged again
+    # once every worker has had the grace to beat since
+    judge_silence = outages.calm(grace_s)
+    found = []
+    for trial in running:
+        host, pid = keys.worker(trial)
+        trial_id = optuna_internals.trial_id(trial)
+        started = trial.datetime_start
+        old = started is not None and (now - started).total_seconds() > grace_s + FIRST_BEAT_S
+        old = old and judge_silence
+        age = ages.get(trial_id)
+        reason = None
+        if host == me and pid is not None and not pid_alive(int(pid)):
+            reason = f"its worker (pid {pid}) died while training"
+        elif host == me and pid is not None and int(pid) == os.getpid() and own_trials_are_dead:
+            reason = "its worker (this process) was interrupted before it recorded the end"
+        elif host != me and age is not None and age > grace_s and judge_silence:
+            reason = f"its worker ({host_name(host)}, pid {pid}) stopped sending heartbeats"
+            reason += f" for {grace_s}s"
+        elif host is not None and host != me and trial_id in ages and age is None and old:
+            reason = f"its worker ({host_name(host)}, pid {pid}) never sent a heartbeat"
+        elif host is None and old:
+            reason = "it was created but never started (its worker failed while asking for it)"
+        if reason and fail_trial(study, trial_id, "orphaned", reason):
+            found.append((trial.number, reason))
+    return found
+
+
+def fail_trials_of(study: optuna.Study, label: dict[str, str], reason: str) -> list[int]:
+    """Fail the RUNNING trials of one worker known to be gone (a lost Ray node, say)."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        mine = keys.worker(trial) == (label.get("host"), label.get("pid"))
+        if mine and fail_trial(study, optuna_internals.trial_id(trial), "orphaned", reason):
+            failed.append(trial.number)
+    return failed
+
+
+def ever_trained(study: optuna.Study, label: dict[str, str] | None) -> bool:
+    """Whether the worker `label` (host, pid) took a trial of this study."""
+    if label is None:
+        return False
+    me = (label.get("host"), label.get("pid"))
+    return any(keys.worker(t) == me for t in study.get_trials(deepcopy=False))
+
+
+class Heartbeat:
+    """Records a trial's heartbeat in the RDB storage while the trial trains.
+
+    The first beat comes after FIRST_BEAT_S, then one per heartbeat interval; a missed beat is
+    retried at the next one.
+    """
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self.study = study
+        self.trial_id = trial_id
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        interval = optuna_internals.heartbeat_interval(self.study)
+        if interval:
+            self.thread = threading.Thread(target=self._beat, args=(interval,), daemon=True)
+            self.thread.start()
+        return self
+
+    def _beat(self, interval: float) -> None:
+        wait = min(FIRST_BEAT_S, interval)
+        while not self.stop.wait(wait):
+            with contextlib.suppress(Exception):
+                optuna_internals.record_heartbeat(self.study, self.trial_id)
+            wait = interval
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()

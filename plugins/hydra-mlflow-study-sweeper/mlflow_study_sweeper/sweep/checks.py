@@ -1,0 +1,303 @@
+"""Everything that can be wrong with a sweep's settings, found before anything is created."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
+
+from mlflow_study_sweeper import contract
+from mlflow_study_sweeper.backends import ray
+from mlflow_study_sweeper.backends.local import gpu_assignment, visible_gpus
+from mlflow_study_sweeper.errors import SweepConfigError
+from mlflow_study_sweeper.search import grammar
+from mlflow_study_sweeper.search.objectives import MULTI_OBJECTIVE_REFUSED, Objectives
+from mlflow_study_sweeper.search.samplers import make_pruner, make_sampler
+from mlflow_study_sweeper.storage.outages import DEFAULT_LIMIT_S
+from mlflow_study_sweeper.storage.studies import check_storage
+from mlflow_study_sweeper.sweep.warm import check_enqueue
+from mlflow_study_sweeper.tracking import store
+from mlflow_study_sweeper.trial.launch import IN_PROCESS_LAUNCHERS
+
+MAX_TRIALS = 1_000_000
+MAX_RAY_WORKERS = 10_000
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class Resources:
+    cpu: float | None  # per worker; None: the local default (the cores shared evenly)
+    gpu: float | None  # per worker; None: the local default (visible GPUs round robin)
+
+
+@dataclass
+class Plan:
+    space: dict[str, Any]
+    fixed: list[str]
+    base: DictConfig
+    sampler: optuna.samplers.BaseSampler
+    pruner: optuna.pruners.BasePruner
+    storage_url: str | None
+    tracking_uri: str
+    experiment_name: str
+    objectives: Objectives
+    timeout_s: float | None = None
+    storage_outage_limit_s: float = DEFAULT_LIMIT_S
+    enqueue: list | None = None
+    resources: Resources = field(default_factory=lambda: Resources(None, None))
+    cluster: Any = None  # the Ray cluster (ray.Cluster) of backend=ray; None: local workers
+
+
+class Checks:
+    def __init__(self, settings, hydra_context, config: DictConfig, launcher, start_dir) -> None:
+        self.s = settings
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = launcher
+        self.start_dir = start_dir
+
+    def compose(self, overrides: list[str]) -> DictConfig:
+        try:
+            return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        except HydraException as err:
+            raise SweepConfigError(str(err).splitlines()[0]) from None
+
+    def plan(self, arguments: list[str]) -> Plan:
+        """Every setting checked, and both stores probed without creating anything."""
+        s = self.s
+        self.check_numbers()
+        objectives = Objectives.from_settings(s.direction, s.metric, s.champion)
+        space, fixed = grammar.parse(s.params, arguments)
+        base = self.compose(fixed)
+        self.check_space(space, base)
+        self.check_corners(space, fixed, base)
+        sampler, pruner = self.optimizers(space, objectives)
+        storage = self.storage()
+        uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        uri = store.absolute_uri(uri, self.start_dir)
+        # before the study exists
+        store.check_store(uri, probe_server=not contract.is_worker())
+        resources = self.resources()
+        cluster = self.cluster(storage, uri, resources)
+        return Plan(
+            space=space,
+            fixed=fixed,
+            base=base,
+            sampler=sampler,
+            pruner=pruner,
+            storage_url=storage,
+            tracking_uri=uri,
+            experiment_name=str(s.experiment_name or self.config.hydra.job.name),
+            objectives=objectives,
+            timeout_s=parse_duration(s.timeout),
+            storage_outage_limit_s=self.outage_limit(),
+            enqueue=check_enqueue(s.enqueue, space),
+            resources=resources,
+            cluster=cluster,
+        )
+
+    def outage_limit(self) -> float:
+        limit = parse_duration(self.s.storage_outage_limit, "storage_outage_limit")
+        return DEFAULT_LIMIT_S if limit is None else limit
+
+    def check_numbers(self) -> None:
+        s = self.s
+        name = str(s.study_name)
+        if not STUDY_NAME.fullmatch(name) or ".." in name:
+            raise SweepConfigError(
+                f"hydra.sweeper.study_name={name!r} is not a usable name: use 1-128 letters, "
+                f"digits, '.', '_' or '-' (no '/', '..', spaces or control characters)"
+            )
+        if not isinstance(s.n_trials, int) or not 1 <= s.n_trials <= MAX_TRIALS:
+            raise SweepConfigError(
+                f"hydra.sweeper.n_trials={s.n_trials} must be a whole number from 1 to {MAX_TRIALS}"
+            )
+        if s.backend not in ("local", "ray"):
+            raise SweepConfigError(
+                f"hydra.sweeper.backend={s.backend!r} is not a backend: use local (processes on "
+                f"this machine) or ray (actors on a Ray cluster)"
+            )
+        cores = os.cpu_count() or 1
+        most = 4 * cores if s.backend == "local" else MAX_RAY_WORKERS
+        if not isinstance(s.n_jobs, int) or not 1 <= s.n_jobs <= most:
+            where = f"this machine has {cores} cores" if s.backend == "local" else "Ray actors"
+            raise SweepConfigError(
+                f"hydra.sweeper.n_jobs={s.n_jobs} must be from 1 to {most} ({where}; each worker "
+                f"trains one trial)"
+            )
+        if not 0.0 <= float(s.max_failure_rate) <= 1.0:
+            raise SweepConfigError(
+                f"hydra.sweeper.max_failure_rate={s.max_failure_rate} must be in [0, 1]"
+            )
+        if s.trial_timeout is not None and not (
+            isinstance(s.trial_timeout, (int, float)) and 0 < s.trial_timeout < math.inf
+        ):
+            raise SweepConfigError(
+                f"hydra.sweeper.trial_timeout={s.trial_timeout} must be a number of seconds > 0, "
+                f"or null for no limit"
+            )
+        interval, grace = s.heartbeat_interval, s.heartbeat_grace
+        if not all(isinstance(v, int) and v >= 1 for v in (interval, grace)) or grace <= interval:
+            raise SweepConfigError(
+                f"hydra.sweeper.heartbeat_interval={interval} and heartbeat_grace={grace} must be "
+                f"whole seconds with grace > interval (a trial silent for `grace` seconds is "
+                f"failed; it beats every `interval`): e.g. 10 and 60"
+            )
+
+    def resources(self) -> Resources:
+        cpu, gpu = self.s.resources.cpu, self.s.resources.gpu
+        for name, value, least in (("cpu", cpu, 0), ("gpu", gpu, -1)):
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > least
+            ):
+                raise SweepConfigError(
+                    f"hydra.sweeper.resources.{name}={value!r} must be a number "
+                    f"{'> 0' if name == 'cpu' else '>= 0'} (per worker), or null"
+                )
+        if self.s.backend == "local":
+            gpu_assignment(self.s.n_jobs, visible_gpus(), gpu)  # GPUs enough for the workers
+        return Resources(cpu, gpu)
+
+    def cluster(self, storage: str | None, tracking_uri: str, resources: Resources) -> Any:
+        """backend=ray: the cluster joined (or started) and checked; None for local workers."""
+        if self.s.backend != "ray" or contract.is_worker():
+            return None
+        runtime_env = self.s.ray.runtime_env
+        cluster = ray.connect(
+            self.s.ray.address, dict(runtime_env) if runtime_env else None, self.start_dir
+        )
+        try:
+            ray.check_cluster(
+                cluster, storage, tracking_uri, resources.cpu or 1, resources.gpu or 0
+            )
+        except BaseException:
+            cluster.shutdown()
+            raise
+        return cluster
+
+    def check_space(self, space: dict[str, Any], base: DictConfig) -> None:
+        if not space:
+            raise SweepConfigError(
+                "the search space is empty: set hydra.sweeper.params, e.g. "
+                "hydra.sweeper.params.x='interval(0, 1)', or sweep a key: x='interval(0, 1)'"
+            )
+        for key in space:
+            if OmegaConf.select(base, key, default="__missing__") == "__missing__":
+                raise SweepConfigError(
+                    f"hydra.sweeper.params.{key}: the config has no key {key!r} to search over"
+                )
+
+    def optimizers(self, space: dict[str, Any], objectives: Objectives) -> tuple[Any, Any]:
+        """The sampler and the pruner, refused where they cannot serve several objectives."""
+        sampler = make_sampler(self.s.sampler, self.s.seed, space)
+        pruner = make_pruner(self.s.pruner)
+        instead = {
+            sampler: "sampler tpe, nsga2 or random",
+            pruner: "pruner median, percentile, successive_halving or threshold",
+        }
+        for part, other in instead.items() if objectives.multi else ():
+            if type(part).__name__ in MULTI_OBJECTIVE_REFUSED:
+                raise SweepConfigError(
+                    f"{type(part).__name__} cannot work with several objectives "
+                    f"(hydra.sweeper.direction={list(objectives.directions)}): use {other}"
+                )
+        return sampler, pruner
+
+    def storage(self) -> str | None:
+        """The Optuna storage's URL, probed (None: in memory, where that can work)."""
+        s = self.s
+        storage = store.absolute_uri(str(s.storage), self.start_dir) if s.storage else None
+        launcher = type(self.launcher).__name__
+        if storage is None and launcher not in IN_PROCESS_LAUNCHERS:
+            raise SweepConfigError(
+                f"hydra.sweeper.storage=null keeps the study in memory, which jobs started by "
+                f"{launcher} in other processes cannot reach: use sqlite:///optuna.db or "
+                f"postgresql://..."
+            )
+        if storage is None and s.n_jobs > 1:
+            raise SweepConfigError(
+                "hydra.sweeper.n_jobs > 1 runs workers in separate processes, which need a shared "
+                "storage: set hydra.sweeper.storage=sqlite:///optuna.db or postgresql://..."
+            )
+        if storage is not None:
+            check_storage(storage, probe_server=not contract.is_worker())
+        return storage
+
+    def check_corners(self, space: dict, fixed: list[str], base: DictConfig) -> None:
+        """Every corner of the space composes, and passes the app's own check if it has one.
+
+        A failure that every corner of a key shares (missing data, say) is reported as it is;
+        one that only some corners meet names the corner.
+        """
+        check = instantiate(self.s.check, _partial_=True) if self.s.check else None
+
+        def fails(cfg: DictConfig) -> str | None:
+            try:
+                check(cfg)
+            except (ValueError, LookupError, OSError) as err:
+                return str(err)
+            return None
+
+        for key, dist in space.items():
+            values = (
+                dist.choices
+                if isinstance(dist, optuna.distributions.CategoricalDistribution)
+                else (dist.low, dist.high)
+            )
+            corners = [(value, self.corner(base, fixed, key, value)) for value in values]
+            for value, cfg in corners if check is not None else []:
+                error = fails(cfg)
+                if error is None:
+                    continue
+                others = [fails(c) for v, c in corners if v != value] or [fails(base)]
+                if all(other == error for other in others):
+                    raise SweepConfigError(error)
+                raise SweepConfigError(
+                    f"hydra.sweeper.params.{key} = {grammar.describe(dist)} reaches "
+                    f"{key}={value}, which cannot run: {error}"
+                )
+        if check is not None and (error := fails(base)) is not None:
+            raise SweepConfigError(error)
+
+    def corner(self, base: DictConfig, fixed: list[str], key: str, value: Any) -> DictConfig:
+        """The config with `key` at `value`: the base with one value set (a type the schema
+        refuses is an error, as in Hydra's composition), or composed by Hydra for a group."""
+        if key in base.hydra.runtime.choices:
+            return self.compose(fixed + [grammar.as_override(key, value)])
+        cfg = copy.deepcopy(base)
+        try:
+            with read_write(cfg), open_dict(cfg):
+                OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException as err:
+            raise SweepConfigError(
+                f"hydra.sweeper.params.{key} reaches {key}={value!r}, which the config "
+                f"refuses: {str(err).splitlines()[0]}"
+            ) from None
+        return cfg
+
+
+def parse_duration(value: Any, key: str = "timeout") -> float | None:
+    """hydra.sweeper.timeout (or `key`): 90, 90s, 45m, 2h, 1d -> seconds; null -> None."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
+    seconds = (
+        float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        if match
+        else 0
+    )
+    if not 0 < seconds < math.inf:
+        raise SweepConfigError(
+            f"hydra.sweeper.{key}={value!r} is not a duration: use seconds or a number with "
+            f"s, m, h or d, e.g. 45m or 2h"
+        )
+    return seconds

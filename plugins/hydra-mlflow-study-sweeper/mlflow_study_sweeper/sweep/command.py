@@ -1,0 +1,431 @@
+"""One sweep command, start to end: checks, the study, the parent run, the trials, the end."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+from hydra.core.plugins import Plugins
+from omegaconf import DictConfig
+
+from mlflow_study_sweeper import console, contract, keys
+from mlflow_study_sweeper.backends.local import WorkerPool
+from mlflow_study_sweeper.backends.ray import RayWorkers
+from mlflow_study_sweeper.end.finish import EndPlan, Registration, SweepEnd
+from mlflow_study_sweeper.errors import SweepError, SweepStopped, mask_url
+from mlflow_study_sweeper.faults import crash_point
+from mlflow_study_sweeper.search import grammar
+from mlflow_study_sweeper.search.grammar import check_space_unchanged
+from mlflow_study_sweeper.storage import liveness, optuna_internals
+from mlflow_study_sweeper.storage.outages import StorageUnreachable
+from mlflow_study_sweeper.storage.studies import open_or_explain
+from mlflow_study_sweeper.sweep.checks import Checks, Plan
+from mlflow_study_sweeper.sweep.loop import Ending, LoopEnd, TrialLoop, terminated
+from mlflow_study_sweeper.sweep.warm import seed_study
+from mlflow_study_sweeper.tracking import lifecycle, store
+from mlflow_study_sweeper.tracking.lifecycle import SweepRuns
+from mlflow_study_sweeper.tracking.relay import stores
+from mlflow_study_sweeper.trial.launch import IN_PROCESS_LAUNCHERS, jobs_for
+
+log = logging.getLogger(__name__)
+WAIT_FOR_PARENT_S = 60
+
+
+def run_sweep(
+    settings: Any,  # the facade's MlflowStudySweeperConf, read by the checks alone
+    hydra_context: Any,
+    task_function: Any,
+    config: DictConfig,
+    arguments: list[str],
+) -> Any:
+    # MLflow's and Optuna's imports leave millions of objects that live as long as the process:
+    # out of the collector's sight, its passes stop costing tenths of a second (measured in
+    # benchmarks/bench_overhead.py)
+    gc.freeze()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
+    # one progress line per trial replaces the launcher's "Launching 1 jobs locally" pair
+    logging.getLogger("hydra._internal.core_plugins.basic_launcher").setLevel(logging.WARNING)
+    # MLflow prints "View run ... / View experiment ..." for every run on an HTTP server
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    sweep = SweepRun(settings, hydra_context, task_function, config)
+    try:
+        return sweep.run(arguments)
+    except SweepError as err:
+        # every run is closed by now; the message says what to change
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's preemption) stops the sweep as Ctrl-C does, then exits 143."""
+
+    def stop(signum, frame):
+        terminated.set()
+        raise KeyboardInterrupt("SIGTERM")
+
+    terminated.clear()
+    previous = signal.signal(signal.SIGTERM, stop)
+    # a shell that starts a command in the background (`cmd &`) makes it ignore SIGINT, and
+    # Python then never raises KeyboardInterrupt: `kill -INT` must stop a sweep cleanly anyway
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+class SweepRun:
+    def __init__(self, settings, hydra_context, task_function, config: DictConfig) -> None:
+        self.s = settings
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
+        self.start_dir = Path(config.hydra.runtime.cwd)
+        self.is_worker = contract.is_worker()
+        self.checks = Checks(settings, hydra_context, config, self.launcher, self.start_dir)
+        self.study: optuna.Study | None = None
+
+    def run(self, arguments: list[str]) -> Any:
+        plan = self.checks.plan(arguments)
+        try:
+            with sigterm_as_interrupt():
+                return self.sweep(plan)
+        finally:
+            optuna_internals.close(self.study)
+            if plan.cluster is not None:
+                plan.cluster.shutdown()  # a Ray instance started for this sweep stops with it
+
+    def sweep(self, plan: Plan) -> Any:
+        study, runs, created = self.open_stores(plan)
+        end = SweepEnd(self.end_plan(plan))
+        loop = self.trial_loop(study, runs, plan)
+        started = time.time()
+        loop.recover()
+        runs.settle(study.get_trials(deepcopy=False))  # runs a killed sweep left open or wrong
+        store.until_reachable(
+            plan.tracking_uri,
+            lambda: self.parent_run(runs, study, created, plan),
+            quiet=self.is_worker,
+        )
+        done = console.finished(study.get_trials(deepcopy=False)) >= self.s.n_trials
+        if done and not self.is_worker:
+            return end.finish(study, runs, resumed_complete=True)
+        self.print_plan(plan, study)
+        ending = self.train(loop, runs, plan)
+        # what was kept while the tracking server was away reaches it before anything ends
+        self.deliver_kept(plan, started)
+        if self.is_worker:
+            return []
+        if plan.timeout_s:
+            self.budget_report(loop, ending, runs, plan.timeout_s, time.time() - started)
+        if ending.how == Ending.GRID_USED_UP:
+            print(
+                f"The grid is used up: every one of its points has been tried ({self.s.sampler})."
+            )
+        runs.settle(study.get_trials(deepcopy=False))  # runs left unsettled while it was away
+        if ending.how == Ending.WAITING_ON_OTHERS:
+            print(
+                f"This command's trials are done; still training on other machines: "
+                f"{', '.join(ending.waiting_on)}. The worker that finishes the last trial ends the "
+                f"sweep; this storage has no heartbeats, so if that worker dies, rerun this "
+                f"command to end it."
+            )
+            return []
+        return end.finish(study, runs)
+
+    def open_stores(self, plan: Plan) -> tuple[optuna.Study, SweepRuns, bool]:
+        """The study (created, or resumed if its space still fits), the MLflow store, the env."""
+        study, created = open_or_explain(
+            plan.storage_url,
+            self.s.study_name,
+            tuple(zip(plan.objectives.names, plan.objectives.directions, strict=True)),
+            plan.sampler,
+            plan.pruner,
+            creator=liveness.worker_label(),
+            heartbeat=(self.s.heartbeat_interval, self.s.heartbeat_grace),
+            outage_limit_s=plan.storage_outage_limit_s,
+        )
+        self.study = study
+        crash_point("study-created")
+        if not created:
+            check_space_unchanged(study, plan.space)
+            # a resumed study, or a second worker: the seed's sequence would repeat the first
+            # worker's trials, so only the process that created the study keeps the seed
+            plan.sampler.reseed_rng()
+        client = store.connect(plan.tracking_uri)  # a down server fails here, not later
+        relay = stores.ACTIVE
+        if relay is not None:
+            # a run given a provisional id while the server was away gets its real one on the
+            # trials too; then what killed processes kept during an outage is sent, first
+            relay.on_mapped.append(
+                lambda old, new: optuna_internals.replace_attr_values(study, old, new)
+            )
+            relay.deliver_orphans()
+        for note in seed_study(
+            study, plan.space, plan.enqueue or [], self.s.warm_start_from, client, plan.objectives
+        ):
+            print(note, flush=True)
+        experiment = store.until_reachable(
+            plan.tracking_uri,
+            lambda: store.experiment_id(client, plan.experiment_name),
+            quiet=self.is_worker,
+        )
+        crash_point("stores-created")
+        # handed to every job's process through the environment, never on a command line
+        os.environ[contract.MLFLOW_TRACKING_URI] = plan.tracking_uri
+        mlflow.set_tracking_uri(plan.tracking_uri)
+        if plan.storage_url:
+            os.environ[contract.STORAGE_URL] = plan.storage_url
+            os.environ[contract.STORAGE_OUTAGE_LIMIT] = str(plan.storage_outage_limit_s)
+        os.environ[contract.PRUNER] = json.dumps(self.s.pruner)
+        return study, SweepRuns(client, experiment, study.study_name), created
+
+    def deliver_kept(self, plan: Plan, started: float) -> None:
+        """Wait for the tracking server to take what this process (and workers that died)
+        kept while it was away: within the time budget when there is one."""
+        relay = stores.ACTIVE
+        if relay is None:
+            return
+        deadline = started + plan.timeout_s if plan.timeout_s else None
+        if relay.queued():
+            until = "until the time budget ends" if deadline else "Ctrl-C stops; a rerun sends them"
+            print(
+                f"Waiting for the MLflow server {mask_url(relay.uri)} to take the "
+                f"{len(relay.pending)} writes kept while it was away ({until})",
+                flush=True,
+            )
+        if not relay.wait(deadline) or (relay.deliver_orphans() and not relay.wait(deadline)):
+            raise SweepStopped(
+                f"the MLflow server {mask_url(relay.uri)} did not come back within "
+                f"hydra.sweeper.timeout; the {len(relay.pending)} writes kept for it are in "
+                f"{relay.folder}, and the next sweep to this server from this machine sends them "
+                f"first: rerun the same command when it is back to end the sweep"
+            )
+
+    def end_plan(self, plan: Plan) -> EndPlan:
+        reg = self.s.registry
+        return EndPlan(
+            objectives=plan.objectives,
+            n_trials=self.s.n_trials,
+            fixed=plan.fixed,
+            compose=self.checks.compose,
+            sweep_dir=str(self.config.hydra.sweep.dir),
+            tracking_uri=plan.tracking_uri,
+            grace_s=self.s.heartbeat_grace,
+            publish=self.s.publish,
+            registry=Registration(reg.model, reg.name, reg.alias, reg.metric, reg.direction),
+        )
+
+    def trial_loop(self, study: optuna.Study, runs: SweepRuns, plan: Plan) -> TrialLoop:
+        s = self.s
+        jobs = jobs_for(
+            self.launcher,
+            self.hydra_context,
+            self.task_function,
+            self.config,
+            plan.fixed,
+            plan.base,
+        )
+        loop = TrialLoop(
+            study=study,
+            space=plan.space,
+            runs=runs,
+            jobs=jobs,
+            n_trials=s.n_trials,
+            objectives=plan.objectives,
+            max_failure_rate=float(s.max_failure_rate),
+            trial_timeout=s.trial_timeout,
+            grace_s=s.heartbeat_grace,
+            in_process=type(self.launcher).__name__ in IN_PROCESS_LAUNCHERS,
+            progress=console.EpochProgress(plan.objectives.metric),
+            keep_checkpoints=bool(s.keep_checkpoints),
+            n_jobs=s.n_jobs,
+        )
+        if plan.timeout_s:
+            # time is kept for the end (publishing, the report); workers share the first deadline
+            reserve = min(60.0, 0.1 * plan.timeout_s)
+            deadline = os.environ.get(contract.DEADLINE) or time.time() + plan.timeout_s - reserve
+            os.environ[contract.DEADLINE] = str(deadline)
+            loop.deadline = float(deadline)
+        return loop
+
+    def train(self, loop: TrialLoop, runs: SweepRuns, plan: Plan) -> LoopEnd:
+        """This command's trials (and its workers'); Ctrl-C or SIGTERM closes every run."""
+        workers = self.workers(loop, plan)
+        try:
+            if not self.is_worker:
+                workers.start()
+            # Ray's actors train while this process watches; local workers train beside it
+            ending = (
+                loop.watch(workers, poll_s=0.25) if isinstance(workers, RayWorkers) else loop.run()
+            )
+            workers.wait()
+            return ending
+        except (KeyboardInterrupt, SystemExit) as err:
+            workers.stop()
+            loop.recover()
+            code = 143 if terminated.is_set() else 130
+            why = "SIGTERM" if terminated.is_set() else type(err).__name__
+            where = mask_url(plan.storage_url) if plan.storage_url else "memory"
+            print(
+                f"\nSweep interrupted ({why}); finished trials are kept in {where}. Resume with "
+                f"the same command.",
+                file=sys.stderr,
+            )
+            if not self.is_worker:
+                runs.close_parent("KILLED", {keys.SWEEP_STATE: "interrupted"})
+            sys.exit(code)
+        except StorageUnreachable as err:
+            # nothing can be read or written in the study; the runs are closed, and the rerun
+            # fails the trial that was in flight and settles its run
+            workers.stop()
+            loop.abandon(f"the sweep stopped: {err}"[:500])
+            if not self.is_worker:
+                runs.close_parent("FAILED", {keys.SWEEP_STATE: "storage_unreachable"})
+            raise
+        except BaseException:
+            workers.stop()
+            loop.recover()
+            if not self.is_worker:
+                runs.close_parent("FAILED", {keys.SWEEP_STATE: "failed"})
+            raise
+
+    def budget_report(
+        self, loop: TrialLoop, ending: LoopEnd, runs: SweepRuns, budget: float, used: float
+    ) -> None:
+        trials = loop.study.get_trials(deepcopy=False)
+        stopped = sum(
+            1 for t in trials if keys.failure(t) == "time_budget" and t.number >= loop.first_number
+        )
+        out_of_budget = ending.how == Ending.OUT_OF_BUDGET
+        why = (
+            "the next trial would not have finished in time"
+            if out_of_budget
+            else "all trials finished"
+        )
+        print(
+            f"Time budget {console.duration(budget)}: trials ran for {console.duration(used)} "
+            f"({why}); {console.finished(trials)}/{self.s.n_trials} finished, {stopped} "
+            f"stopped by the budget; the end follows.",
+            flush=True,
+        )
+        lifecycle.log_batch(
+            runs.client,
+            runs.parent_run_id,
+            metrics=lifecycle.as_metrics({keys.TIME_BUDGET: budget, keys.TIME_USED: used}),
+            tags=lifecycle.as_tags({keys.STOPPED_BY_BUDGET: str(out_of_budget or stopped > 0)}),
+        )
+
+    def workers(self, loop: TrialLoop, plan: Plan) -> WorkerPool | RayWorkers:
+        cpu, gpu = plan.resources.cpu, plan.resources.gpu
+        if plan.cluster is None:
+            return WorkerPool(
+                self.s.n_jobs, lambda pid, code: self.worker_died(loop, pid), cpu=cpu, gpu=gpu
+            )
+        runtime_env = self.s.ray.runtime_env
+        return RayWorkers(
+            plan.cluster,
+            self.s.n_jobs,
+            cpu=cpu or 1,
+            gpu=gpu or 0,
+            runtime_env=dict(runtime_env) if runtime_env else None,
+            start_dir=self.start_dir,
+            on_death=lambda label, why: self.worker_lost(loop, label, why),
+        )
+
+    def worker_died(self, loop: TrialLoop, pid: int) -> tuple[bool, bool]:
+        """A worker process of this command died: fail its trial now; (whether work is left,
+        whether it trained a trial)."""
+        try:
+            loop.recover(between_trials=False)  # called from the watcher while this trains
+            label = {"host": liveness.machine_key(), "pid": str(pid)}
+            return self.work_left(loop), liveness.ever_trained(loop.study, label)
+        except StorageUnreachable:
+            return False, False  # this process stops with the same error; the rerun recovers
+
+    def worker_lost(
+        self, loop: TrialLoop, label: dict[str, str] | None, why: str
+    ) -> tuple[bool, bool]:
+        """A Ray worker is gone (its node, say): fail its trial now, so that another worker
+        continues it from its checkpoint; (whether work is left, whether it trained a trial)."""
+        if label is not None:
+            for number in liveness.fail_trials_of(loop.study, label, why):
+                log.warning("trial %d is marked FAIL: %s", number, why)
+            loop.recover(between_trials=False)
+            loop.runs.settle(loop.study.get_trials(deepcopy=False))
+        return self.work_left(loop), liveness.ever_trained(loop.study, label)
+
+    def work_left(self, loop: TrialLoop) -> bool:
+        counts = console.counts(loop.study.get_trials(deepcopy=False))
+        return counts["complete"] + counts["pruned"] + counts["running"] < self.s.n_trials
+
+    # ---- MLflow parent run ----------------------------------------------------------------------
+
+    def parent_run(self, runs: SweepRuns, study: optuna.Study, created: bool, plan: Plan) -> None:
+        """The sweep's one parent run: created with the study, found by every later worker."""
+        run_id = study.user_attrs.get(keys.PARENT_RUN)
+        if run_id is None and not created:
+            # another worker created the study a moment ago and is creating the parent run,
+            # unless it died doing so
+            creator = optuna_internals.study_system_attrs(study).get(keys.CREATOR)
+            gone = creator is None or liveness.is_alive_here(liveness.label_of(creator)) is False
+            wait = WAIT_FOR_PARENT_S if not study.get_trials(deepcopy=False) and not gone else 0
+            deadline = time.monotonic() + wait
+            while run_id is None and time.monotonic() < deadline:
+                time.sleep(1)
+                run_id = study.user_attrs.get(keys.PARENT_RUN)
+        if run_id is not None and lifecycle.run_or_none(runs.client, run_id) is None:
+            log.warning("parent run %s is deleted or missing: starting a new one", run_id)
+            run_id = None
+            created = True
+        if run_id is None and not created:
+            # the study's creator died before recording its parent run: adopt the run it made
+            run_id = runs.find_parent()
+            if run_id is not None:
+                study.set_user_attr(keys.PARENT_RUN, run_id)
+        if run_id is None:
+            run_id = runs.create_parent(self.parent_params(plan))
+            study.set_user_attr(keys.PARENT_RUN, run_id)
+        runs.use_parent(run_id)
+
+    def parent_params(self, plan: Plan) -> dict[str, Any]:
+        objectives = plan.objectives
+        params = {
+            "n_trials": self.s.n_trials,
+            "direction": ",".join(objectives.directions),
+            "sampler": type(plan.sampler).__name__,
+            "pruner": type(plan.pruner).__name__,
+        }
+        if objectives.multi:
+            params |= {"metric": ",".join(objectives.names), "champion": objectives.rule()}
+        return {
+            **{keys.SWEEPER_PARAM.format(name=k): v for k, v in params.items()},
+            **{keys.SEARCH_PARAM.format(key=k): grammar.describe(d) for k, d in plan.space.items()},
+        }
+
+    def print_plan(self, plan: Plan, study: optuna.Study) -> None:
+        trials = study.get_trials(deepcopy=False)
+        where = mask_url(plan.storage_url) if plan.storage_url else "in memory"
+        print(
+            f"Study {study.study_name!r} ({where}): "
+            f"{console.finished(trials)}/{self.s.n_trials} finished"
+            + (" - resuming" if trials else "")
+            + f"; {plan.objectives.describe()} over "
+            + ", ".join(f"{k} {grammar.describe(d)}" for k, d in plan.space.items()),
+            flush=True,
+        )

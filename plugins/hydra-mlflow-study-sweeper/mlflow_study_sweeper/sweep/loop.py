@@ -1,0 +1,368 @@
+"""Ask, run, tell: one trial after another until the study has n_trials finished trials.
+
+One read of the study's trials per trial decides everything the loop needs (counts, the
+failure budget, the time budget, trials to continue, dead workers' trials); the trial's run
+is opened and closed through SweepRuns; the loop returns how it ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from hydra.core.utils import JobStatus
+from optuna.trial import FrozenTrial, TrialState
+
+from mlflow_study_sweeper import console, contract, keys
+from mlflow_study_sweeper.errors import SweepStopped
+from mlflow_study_sweeper.faults import crash_point
+from mlflow_study_sweeper.search.objectives import Objectives, ReturnFormError
+from mlflow_study_sweeper.search.samplers import ExhaustibleGridSampler
+from mlflow_study_sweeper.storage import liveness, optuna_internals
+from mlflow_study_sweeper.storage.outages import StorageUnreachable
+from mlflow_study_sweeper.storage.studies import fail_trial, optuna_quietly
+from mlflow_study_sweeper.sweep.budget import (
+    TrialTimeout,
+    expected_seconds,
+    trial_deadline,
+)
+from mlflow_study_sweeper.tracking.lifecycle import SweepRuns
+from mlflow_study_sweeper.trial import job_side, resume
+from mlflow_study_sweeper.trial.launch import Jobs, job_error
+
+log = logging.getLogger(__name__)
+LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+# set by the SIGTERM handler: an interruption that came from a scheduler, not from Ctrl-C
+terminated = threading.Event()
+
+
+class Ending(enum.Enum):
+    FINISHED = "the study has n_trials finished trials"
+    GRID_USED_UP = "every point of the grid was tried"
+    OUT_OF_BUDGET = "the next trial would not finish within the time budget"
+    WAITING_ON_OTHERS = "the last trials train on other machines, without heartbeats"
+
+
+@dataclass(frozen=True)
+class LoopEnd:
+    how: Ending
+    waiting_on: tuple[str, ...] = ()  # WAITING_ON_OTHERS: those trials, in words
+
+
+@dataclass
+class Outcome:
+    state: TrialState
+    values: list[float] | None = None
+    kind: str = ""  # why it failed: error, timeout, time_budget, interrupted
+    reason: str = ""
+    stop: bool = False  # every trial would fail the same way: the sweep stops after this one
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrialLoop:
+    study: optuna.Study
+    space: dict[str, Any]
+    runs: SweepRuns
+    jobs: Jobs
+    n_trials: int
+    objectives: Objectives
+    max_failure_rate: float
+    trial_timeout: float | None
+    grace_s: float
+    in_process: bool  # the job runs in this process: its reporter holds what it decided
+    progress: console.EpochProgress | None = None
+    keep_checkpoints: bool = False  # a finished trial keeps its last checkpoint
+    deadline: float | None = None  # time.time() after which no trial runs (the time budget)
+    durations: list[float] = field(default_factory=list)
+    n_jobs: int = 1  # workers on this machine, for the time left
+    first_number: int = 0
+    last: tuple[FrozenTrial, float] | None = None  # the last trial and its seconds, not printed
+    in_flight: str | None = None  # the run of the trial being trained, until it is told
+
+    def __post_init__(self) -> None:
+        # the failure budget counts the failures of trials asked since this command started,
+        # so that "fix the cause and rerun" continues
+        self.first_number = len(self.study.get_trials(deepcopy=False))
+
+    # -- the loop --
+    def run(self) -> LoopEnd:
+        while True:
+            trials = self.study.get_trials(deepcopy=False)
+            if self.recover(trials=trials):
+                trials = self.study.get_trials(deepcopy=False)
+            finished = console.finished(trials)
+            self.print_result(trials, finished)
+            self.check_failure_budget(trials)
+            if finished >= self.n_trials:
+                return LoopEnd(Ending.FINISHED)
+            sampler = self.study.sampler
+            if isinstance(sampler, ExhaustibleGridSampler) and sampler.exhausted(self.study):
+                return LoopEnd(Ending.GRID_USED_UP)
+            if self.deadline is not None and time.time() + expected_seconds(trials) > self.deadline:
+                return LoopEnd(Ending.OUT_OF_BUDGET)
+            for note in resume.enqueue_continuations(self.study, trials):
+                print(note, flush=True)
+            # trials in training; an enqueued (WAITING) one is for `ask` below to hand out
+            training = sum(1 for t in trials if t.state == TrialState.RUNNING)
+            if finished + training >= self.n_trials:
+                unwatched = self.running_unwatched(trials)
+                if unwatched:  # trials whose death this command could not see
+                    return LoopEnd(Ending.WAITING_ON_OTHERS, tuple(unwatched))
+                time.sleep(1)  # the last trials: recover() fails them if their worker dies
+                continue
+            with optuna_quietly():
+                trial = self.study.ask(self.space)
+            trial_id = optuna_internals.trial_id(trial)
+            liveness.label_trial(self.study, trial_id)
+            crash_point("after-ask")
+            if self.surplus(trial, trials):
+                continue
+            started = time.perf_counter()
+            frozen = self.run_trial(trial)
+            self.durations.append(time.perf_counter() - started)
+            self.last = (frozen, self.durations[-1])
+
+    def watch(self, workers: Any, poll_s: float = 1.0) -> LoopEnd:
+        """The study watched while other processes train it (Ray's workers): the trials of dead
+        workers failed, the failure budget kept; returns how it ended."""
+        while True:
+            workers.poll()  # a lost worker: its trial failed now (see _sweep), its slot refilled
+            trials = self.study.get_trials(deepcopy=False)
+            if self.recover(trials=trials):
+                trials = self.study.get_trials(deepcopy=False)
+            self.check_failure_budget(trials)
+            if console.finished(trials) >= self.n_trials:
+                return LoopEnd(Ending.FINISHED)
+            sampler = self.study.sampler
+            if isinstance(sampler, ExhaustibleGridSampler) and sampler.exhausted(self.study):
+                return LoopEnd(Ending.GRID_USED_UP)
+            if not workers.alive():
+                if self.deadline is not None and time.time() + 1 >= self.deadline:
+                    return LoopEnd(Ending.OUT_OF_BUDGET)
+                raise SweepStopped(
+                    "every worker stopped before the study had n_trials finished trials (their "
+                    "lines above say why); rerun the command to resume"
+                )
+            time.sleep(poll_s)
+
+    def abandon(self, why: str) -> None:
+        """The sweep stops with a trial in flight whose end the storage could not record: its
+        run is closed KILLED, not left RUNNING; the rerun fails the trial and settles the run."""
+        if self.in_flight is not None:
+            tags = {keys.STATE: "FAIL", keys.FAILURE_REASON: why}
+            self.runs.trial_ended(self.in_flight, "KILLED", tags)
+            self.in_flight = None
+
+    def recover(self, between_trials: bool = True, trials: list[FrozenTrial] | None = None) -> bool:
+        """Fail the trials whose worker died, and close their runs; True if there were any."""
+        failed = liveness.fail_orphaned_trials(
+            self.study, self.grace_s, own_trials_are_dead=between_trials, trials=trials
+        )
+        for number, reason in failed:
+            log.warning("trial %d is marked FAIL: %s", number, reason)
+        if failed:
+            numbers = {number for number, _ in failed}
+            self.runs.settle(
+                t for t in self.study.get_trials(deepcopy=False) if t.number in numbers
+            )
+        return bool(failed)
+
+    def running_unwatched(self, trials: list[FrozenTrial]) -> list[str]:
+        """Running trials on other machines without heartbeats (a journal file storage)."""
+        if liveness.watched(self.study):
+            return []
+        me = liveness.machine_key()
+        out = []
+        for t in trials:
+            host, pid = keys.worker(t)
+            if t.state == TrialState.RUNNING and host != me:
+                out.append(f"trial {t.number} (pid {pid} on {liveness.host_name(host)})")
+        return out
+
+    def check_failure_budget(self, trials: list[FrozenTrial]) -> None:
+        mine = [t for t in trials if t.number >= self.first_number]
+        errors = sum(
+            1
+            for t in mine
+            if t.state == TrialState.FAIL and keys.failure(t) in ("error", "timeout")
+        )
+        if errors >= 2 * self.n_trials + 10:
+            # max_failure_rate=1.0 never stops on the rate: a command whose every trial fails
+            # would otherwise ask for trials forever
+            raise SweepStopped(
+                f"{errors} of {len(mine)} trials started by this command failed (twice "
+                f"n_trials plus 10): the sweep stopped. See each failed run's failure_reason tag "
+                f"in MLflow, fix the cause and rerun the command to resume."
+            )
+        # judged against the planned trials until more than that have run, so that one early
+        # failure does not look like a 100% rate
+        if errors > self.max_failure_rate * max(self.n_trials, len(mine)):
+            raise SweepStopped(
+                f"{errors} of {len(mine)} trials started by this command failed, more than "
+                f"hydra.sweeper.max_failure_rate={self.max_failure_rate} allows: the sweep "
+                f"stopped. See each failed run's failure_reason tag in MLflow; fix the cause, or "
+                f"raise max_failure_rate (at 1.0 the sweep stops only after 2 x n_trials + 10 "
+                f"failures), and rerun the command to resume."
+            )
+
+    def surplus(self, trial: optuna.Trial, before: list[FrozenTrial]) -> bool:
+        """Another worker asked for the last trial at the same moment: give this one back."""
+        # the trials numbered below this one that were failed or imported stay so: if the rest
+        # cannot reach n_trials, there is nothing to read
+        dead = sum(1 for t in before if t.state == TrialState.FAIL or keys.is_imported(t))
+        if trial.number - dead < self.n_trials:
+            return False
+        ahead = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=LIVE)
+            if t.number < trial.number and not keys.is_imported(t)
+        ]
+        if len(ahead) < self.n_trials:
+            return False
+        trial_id = optuna_internals.trial_id(trial)
+        fail_trial(self.study, trial_id, "surplus", "not run: n_trials were already taken")
+        return True
+
+    # -- one trial --
+    def run_trial(self, trial: optuna.Trial) -> FrozenTrial:
+        """Run one trial from its run's start to its end; return it as it ended."""
+        trial_id = optuna_internals.trial_id(trial)
+        run_id = self.runs.trial_started(trial.number, trial.params)
+        crash_point("run-created")  # a run no trial records yet: SweepRuns.settle closes it
+        self.in_flight = run_id
+        trial.set_user_attr(keys.RUN_ID, run_id)
+        crash_point("after-run-start")
+        env = contract.job_environment(
+            run_id, self.runs.experiment_id, self.study.study_name, trial_id, trial.number
+        )
+        env |= resume.prepare(self.study, self.runs.client, trial, run_id)
+        reporter = job_side.TrialReporter(self.study, trial_id, self.progress, trial)
+        job_side.IN_PROCESS[trial_id] = reporter
+        # MLflow deletes MLFLOW_RUN_ID once read, and Hydra's env_set then fails to delete it
+        # again; set here too, the variable is restored instead of deleted
+        os.environ[contract.MLFLOW_RUN_ID] = run_id
+        ret = None
+        try:
+            with liveness.Heartbeat(self.study, trial_id), trial_deadline(self.trial_timeout):
+                ret = self.jobs.run(trial.number, trial.params, env)
+            decided = reporter.decided() if self.in_process else self.decisions(trial_id)
+            outcome = self.judge(trial, ret, decided)
+        except TrialTimeout as err:  # raised between the job's end and launch returning
+            outcome = Outcome(TrialState.FAIL, kind="timeout", reason=str(err))
+        except (KeyboardInterrupt, SystemExit) as err:
+            why = "stopped by SIGTERM" if terminated.is_set() else "interrupted by Ctrl-C"
+            reason = f"{why} while training"
+            with contextlib.suppress(StorageUnreachable):  # the rerun fails it then
+                fail_trial(self.study, trial_id, "interrupted", reason)
+            if self.in_process:
+                self.runs.release_job_runs("KILLED")
+            self.runs.trial_ended(
+                run_id,
+                "KILLED",
+                {keys.STATE: "FAIL", keys.FAILURE_REASON: f"{why} ({type(err).__name__})"},
+            )
+            self.in_flight = None
+            raise
+        except Exception as err:  # the launcher itself failed; the failure budget decides
+            outcome = Outcome(TrialState.FAIL, kind="error", reason=f"{type(err).__name__}: {err}")
+        finally:
+            if self.in_process:
+                ok = ret is not None and ret.status == JobStatus.COMPLETED
+                self.runs.release_job_runs("FINISHED" if ok else "FAILED")
+            os.environ.pop(contract.MLFLOW_RUN_ID, None)
+            job_side.IN_PROCESS.pop(trial_id, None)
+            if self.progress is not None:
+                self.progress.clear()
+        crash_point("after-job")
+        frozen = self.tell(trial, run_id, outcome)
+        self.in_flight = None
+        if outcome.stop:
+            raise SweepStopped(
+                f"trial {trial.number}: {outcome.reason}. Every trial would fail the same way: "
+                f"the sweep stopped. Fix the task function and rerun the command to resume."
+            )
+        return frozen
+
+    def decisions(self, trial_id: int) -> job_side.Decisions:
+        """What a job in another process decided, read back from the storage."""
+        return job_side.Decisions.of(optuna_internals.frozen(self.study, trial_id))
+
+    def judge(self, trial: optuna.Trial, ret: Any, decided: job_side.Decisions) -> Outcome:
+        tags: dict[str, Any] = {}
+        if decided.stopped_at is not None:
+            return Outcome(
+                TrialState.FAIL,
+                kind="time_budget",
+                reason=f"stopped by the time budget (hydra.sweeper.timeout) at epoch "
+                f"{decided.stopped_at}",
+                tags={keys.STOPPED_BY: "time_budget"},
+            )
+        if decided.pruned_at is not None:
+            tags[keys.PRUNED_AT_EPOCH] = decided.pruned_at
+        if ret.status == JobStatus.COMPLETED:
+            if decided.pruned_at is not None:
+                return Outcome(TrialState.PRUNED, tags=tags)
+            try:
+                values = self.objectives.values(ret.return_value)
+            except ValueError as err:  # not a number, NaN, a tuple where a dict is wanted
+                stop = isinstance(err, ReturnFormError)
+                return Outcome(TrialState.FAIL, kind="error", reason=str(err), stop=stop)
+            return Outcome(TrialState.COMPLETE, values=values)
+        err = job_error(ret)
+        if isinstance(err, optuna.TrialPruned) or decided.pruned_at is not None:
+            return Outcome(TrialState.PRUNED, tags=tags)
+        if isinstance(err, TrialTimeout):
+            return Outcome(TrialState.FAIL, kind="timeout", reason=str(err))
+        log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
+        return Outcome(TrialState.FAIL, kind="error", reason=f"{type(err).__name__}: {err}")
+
+    def tell(self, trial: optuna.Trial, run_id: str, outcome: Outcome) -> FrozenTrial:
+        """The outcome into the study, then onto the run; returns the trial as it ended."""
+        trial_id = optuna_internals.trial_id(trial)
+        values = None
+        if outcome.state == TrialState.COMPLETE:
+            with optuna_quietly():
+                frozen = self.study.tell(trial, outcome.values)
+            values = dict(zip(self.objectives.names, outcome.values, strict=True))
+        elif outcome.state == TrialState.PRUNED:
+            with optuna_quietly():
+                frozen = self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            fail_trial(self.study, trial_id, outcome.kind, outcome.reason)
+            frozen = optuna_internals.frozen(self.study, trial_id)
+        crash_point("after-tell")
+        tags = {keys.STATE: frozen.state.name, **outcome.tags}
+        if frozen.state == TrialState.FAIL:
+            tags[keys.FAILURE_REASON] = keys.fail_reason(frozen)
+        # every objective on the run, also those the job did not log itself
+        self.runs.trial_ended(run_id, keys.run_status(frozen), tags, values)
+        # an interrupted trial keeps its checkpoint; a trial that never saved one costs nothing
+        saved = keys.checkpoint_step(frozen) is not None or keys.continues(frozen) is not None
+        if outcome.kind not in resume.CONTINUABLE and saved:
+            resume.tidy_checkpoints(self.runs.client, self.study, frozen, self.keep_checkpoints)
+        return frozen
+
+    def print_result(self, trials: list[FrozenTrial], finished: int) -> None:
+        """The last trial's line, with the counts of the read that follows it."""
+        if self.last is None:
+            return
+        frozen, seconds = self.last
+        self.last = None
+        left = max(self.n_trials - finished, 0)
+        mean = sum(self.durations) / len(self.durations)
+        seconds_left = mean * left / self.n_jobs if left else None
+        if self.progress is not None:
+            self.progress.sweep_left = seconds_left
+        line = console.progress_line(
+            frozen, finished, self.n_trials, self.objectives, seconds, seconds_left
+        )
+        print(line, flush=True)

@@ -1,0 +1,269 @@
+"""How one trial's job runs: through the app's Hydra launcher, or in this process as Hydra's
+basic launcher runs it, without its per-job copies of the whole config.
+
+Hydra's basic launcher composes the whole config from its files for each job, then `run_job`
+deep-copies it four times: 84 ms per trial of the README's app on this project's 2-core machine
+(benchmarks/bench_overhead.py), nearly three times an ask, a tell and an MLflow run together,
+although a trial changes only the searched values. `InProcessJobs` keeps one config, composed
+once with the fixed overrides: per trial it sets the searched values, the job's number,
+overrides and environment on it, and runs the job as `hydra.core.utils.run_job` does: the same
+job folder, `.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml`, job log, working directory
+and environment, the task function given its own copy of the config (tests/test_launch.py
+compares the two byte for byte); 9 ms. Where that cannot hold, every trial goes through Hydra:
+a searched key that is a config group (`db=choice(mysql, pg)` changes the files the config is
+made of), or Hydra callbacks (they may keep the config they are given). Any other launcher
+(joblib, submitit, ...) gets the trial's overrides as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from hydra import version
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import (
+    JobReturn,
+    JobRuntime,
+    JobStatus,
+    configure_log,
+    env_override,
+    run_job,
+    setup_globals,
+)
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from mlflow_study_sweeper.search.grammar import as_override
+
+IN_PROCESS_LAUNCHERS = ("BasicLauncher",)
+
+
+class Jobs(Protocol):
+    def run(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn: ...
+
+
+def job_error(ret: JobReturn) -> BaseException | None:
+    """The exception a job raised (JobReturn.return_value would print and re-raise it)."""
+    return ret._return_value if ret.status == JobStatus.FAILED else None
+
+
+def task_overrides(fixed: list[str], values: dict[str, Any]) -> list[str]:
+    return [*fixed, *(as_override(k, v) for k, v in values.items())]
+
+
+def env_overrides(env: dict[str, str]) -> list[str]:
+    return [as_override(f"++hydra.job.env_set.{k}", v) for k, v in env.items()]
+
+
+class LauncherJobs:
+    """Each trial through the app's launcher, which composes its config."""
+
+    def __init__(self, launcher: Any, fixed: list[str]) -> None:
+        self.launcher = launcher
+        self.fixed = fixed
+
+    def run(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn:
+        overrides = task_overrides(self.fixed, values) + env_overrides(env)
+        (ret,) = self.launcher.launch([overrides], initial_job_idx=number)
+        return ret
+
+
+class InProcessJobs:
+    """Each trial in this process, as Hydra's basic launcher runs it, on one config."""
+
+    def __init__(
+        self,
+        hydra_context: Any,
+        task_function: Any,
+        config: DictConfig,
+        fixed: list[str],
+        base: DictConfig,
+    ) -> None:
+        """`base`: the job config composed with the fixed overrides alone (see _checks)."""
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+        self.config = config
+        self.fixed = fixed
+        self.cfg = copy.deepcopy(base)  # the trial's config: changed in place, trial by trial
+        self.task = copy.deepcopy(base)  # what the task function gets: copied for each trial
+        with read_write(self.task), open_dict(self.task):
+            del self.task["hydra"]
+        self.base_env = OmegaConf.to_container(base.hydra.job.env_set)
+        # the command line's hydra.* overrides, as text (they may hold ${...})
+        self.hydra_overrides = OmegaConf.to_container(config.hydra.overrides.hydra)
+        self.hydra_yaml = HydraYaml()
+        # the fixed overrides, parsed once: override_dirname lists them with the trial's values
+        self.fixed_keys = [o.key_or_group for o in OverridesParser.create().parse_overrides(fixed)]
+        # Hydra callbacks may keep the config they get; a job's working directory changes by
+        # default below version_base 1.2, with Hydra's warning: both are left to Hydra
+        old_chdir = base.hydra.job.chdir is None and not version.base_at_least("1.2")
+        self.through_hydra = bool(hydra_context.callbacks.callbacks) or old_chdir
+        setup_globals()
+
+    def run(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn:
+        if self.through_hydra or set(self.cfg.hydra.runtime.choices) & set(values):
+            cfg = self.compose_with_hydra(number, values, env)
+            ret = run_job(
+                hydra_context=self.hydra_context,
+                task_function=self.task_function,
+                config=cfg,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
+        else:
+            ret = self.run_job(self.prepare(number, values, env), values)
+        # the job configured its own logging; the sweep's lines go on as before
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return ret
+
+    def compose_with_hydra(
+        self, number: int, values: dict[str, Any], env: dict[str, str]
+    ) -> DictConfig:
+        """The job's config as the basic launcher makes it: composed by Hydra."""
+        overrides = task_overrides(self.fixed, values) + env_overrides(env)
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(cfg):
+            cfg.hydra.job.id = number
+            cfg.hydra.job.num = number
+        return cfg
+
+    def prepare(self, number: int, values: dict[str, Any], env: dict[str, str]) -> DictConfig:
+        """The one config set to this trial, as load_sweep_config would compose it."""
+        cfg = self.cfg
+        task = task_overrides(self.fixed, values)
+        with read_write(cfg), read_write(cfg.hydra), open_dict(cfg):
+            for key, value in values.items():
+                OmegaConf.update(cfg, key, value, merge=False)
+            job = cfg.hydra.job
+            job.id = number
+            job.num = number
+            cfg.hydra.overrides.task = task
+            cfg.hydra.overrides.hydra = [*self.hydra_overrides, *env_overrides(env)]
+            job.env_set = {**self.base_env, **env}
+            dirname = job.config.override_dirname
+            job.override_dirname = override_dirname(
+                zip([*self.fixed_keys, *values], task, strict=True),
+                list(dirname.exclude_keys),
+                dirname.item_sep,
+                dirname.kv_sep,
+            )
+            output_dir = str(OmegaConf.select(cfg, "hydra.sweep.dir"))
+            subdir = OmegaConf.select(cfg, "hydra.sweep.subdir")
+            if subdir is not None:
+                output_dir = os.path.join(output_dir, str(subdir))
+            cfg.hydra.runtime.output_dir = os.path.abspath(output_dir)
+        OmegaConf.copy_cache(from_config=self.config, to_config=cfg)
+        return cfg
+
+    def run_job(self, config: DictConfig, values: dict[str, Any]) -> JobReturn:
+        """hydra.core.utils.run_job, on a config that only this object uses: the hydra node is
+        not copied (HydraConfig holds the config itself), nor kept for later (ret.hydra_cfg is
+        this config until the next trial); the task gets a copy of the app's part alone."""
+        holder = HydraConfig.instance()
+        old_cwd, orig_hydra_cfg = os.getcwd(), holder.cfg
+        OmegaConf.set_readonly(config.hydra, True)
+        holder.cfg = config
+        hydra = config.hydra
+        output_dir = hydra.runtime.output_dir
+        chdir = bool(hydra.job.chdir)  # None is False from version_base 1.2 (see __init__)
+        try:
+            ret = JobReturn()
+            task_cfg = copy.deepcopy(self.task)
+            with read_write(task_cfg), open_dict(task_cfg):
+                for key, value in values.items():
+                    OmegaConf.update(task_cfg, key, value, merge=False)
+            ret.cfg = task_cfg
+            ret.hydra_cfg = config
+            ret.overrides = OmegaConf.to_container(hydra.overrides.task)
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            if chdir:
+                os.chdir(output_dir)
+            ret.working_dir = output_dir if chdir else os.getcwd()
+            configure_log(hydra.job_logging, hydra.verbose)
+            if hydra.output_subdir is not None:
+                folder = Path(output_dir) / str(hydra.output_subdir)
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "config.yaml").write_text(OmegaConf.to_yaml(task_cfg), encoding="utf-8")
+                (folder / "hydra.yaml").write_text(self.hydra_yaml(config), encoding="utf-8")
+                (folder / "overrides.yaml").write_text(
+                    OmegaConf.to_yaml(hydra.overrides.task), encoding="utf-8"
+                )
+            with env_override(dict(hydra.job.env_set)):
+                try:
+                    ret.return_value = self.task_function(task_cfg)
+                    ret.status = JobStatus.COMPLETED
+                except Exception as err:
+                    ret.return_value = err
+                    ret.status = JobStatus.FAILED
+            ret.task_name = JobRuntime.instance().get("name")
+            for handler in logging.getLogger().handlers:  # Hydra flushes every handler here
+                handler.flush()
+            return ret
+        finally:
+            holder.cfg = orig_hydra_cfg
+            if chdir:
+                os.chdir(old_cwd)
+
+
+class HydraYaml:
+    """What Hydra writes to .hydra/hydra.yaml (the hydra node under its key), rendered again
+    only where a trial changes it: `job`, `overrides` and `runtime`. The other parts' text is
+    kept from the first trial."""
+
+    PER_TRIAL = ("job", "overrides", "runtime")
+
+    def __init__(self) -> None:
+        self.parts: dict[str, str] = {}
+
+    def __call__(self, config: DictConfig) -> str:
+        if not self.parts:
+            self.parts = split_top_level(OmegaConf.to_yaml(config.hydra))
+        for key in self.PER_TRIAL:
+            if key in self.parts:
+                self.parts[key] = nested(key, OmegaConf.to_yaml(config.hydra[key]))
+        return nested("hydra", "".join(self.parts.values()))
+
+
+def split_top_level(text: str) -> dict[str, str]:
+    """A block-style YAML mapping's text, split at its top-level keys (in their order)."""
+    parts: dict[str, str] = {}
+    key = None
+    for line in text.splitlines(True):
+        if line[:1] not in (" ", "-", "\n", ""):  # a top-level key: `name:` at column 0
+            key = line.split(":", 1)[0]
+            parts[key] = ""
+        parts[key] += line
+    return parts
+
+
+def nested(key: str, body: str) -> str:
+    """`body` (a mapping's YAML) as the value of `key` in a block mapping."""
+    return f"{key}:\n" + "".join(
+        f"  {line}" if line.strip() else line for line in body.splitlines(True)
+    )
+
+
+def override_dirname(
+    overrides: Iterable[tuple[str, str]], exclude_keys: list[str], item_sep: str, kv_sep: str
+) -> str:
+    """hydra.job.override_dirname, as Hydra's config loader computes it from (key, override)."""
+    lines = sorted(line for key, line in overrides if key not in exclude_keys)
+    return item_sep.join(lines).replace("=", kv_sep)
+
+
+def jobs_for(
+    launcher: Any,
+    hydra_context: Any,
+    task_function: Any,
+    config: DictConfig,
+    fixed: list[str],
+    base: DictConfig,
+) -> Jobs:
+    if type(launcher).__name__ in IN_PROCESS_LAUNCHERS:
+        return InProcessJobs(hydra_context, task_function, config, fixed, base)
+    return LauncherJobs(launcher, fixed)
