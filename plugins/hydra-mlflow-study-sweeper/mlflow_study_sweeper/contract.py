@@ -8,6 +8,8 @@ plugin scan imports, reads it.
 # no `from __future__ import annotations`: job.py re-exports these dataclasses, and Hydra's scan
 # runs job.py before it is in sys.modules, where dataclasses would look string annotations up
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 # -- set per job through hydra.job.env_set, so they reach a job in any launcher's process --
@@ -96,3 +98,69 @@ def job_environment(
 
 def is_worker() -> bool:
     return os.environ.get(WORKER) == "1"
+
+
+# ---- every write to this process's environment: here, and nowhere else ----------------------
+# MLflow retries a refused request for about 4 minutes by default; the tracking relay needs to
+# know within seconds that the server is away (the job then trains on instead of waiting)
+MLFLOW_HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+def quiet_libraries() -> None:
+    """MLflow prints "View run ... / View experiment ..." for every run on an HTTP server, and
+    Ray folds repeated log lines of its workers: the sweep's own lines say what happens."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def shorten_mlflow_retries() -> None:
+    """For the tracking relay (see MLFLOW_HTTP_RETRIES); a user's own setting is kept."""
+    for name, value in MLFLOW_HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
+
+
+def hand_to_jobs(
+    tracking_uri: str, storage_url: "str | None", outage_limit_s: float, pruner_json: str
+) -> None:
+    """What every job's and worker's process inherits from the sweep: where the runs and the
+    study live, how long a storage call waits for its server, the pruner's settings."""
+    os.environ[MLFLOW_TRACKING_URI] = tracking_uri
+    if storage_url:
+        os.environ[STORAGE_URL] = storage_url
+        os.environ[STORAGE_OUTAGE_LIMIT] = str(outage_limit_s)
+    os.environ[PRUNER] = pruner_json
+
+
+def share_deadline(own: float) -> float:
+    """The time budget's end: the one the sweep that started this worker chose, or `own` (then
+    handed on to the workers this process starts)."""
+    found = os.environ.get(DEADLINE)
+    if found:
+        return float(found)
+    os.environ[DEADLINE] = str(own)
+    return own
+
+
+@contextmanager
+def trial_run(run_id: str) -> "Iterator[None]":
+    """MLFLOW_RUN_ID for a job run in this process. MLflow deletes the variable once it has read
+    it, and Hydra's env_set then fails to delete it again: set here too, it is restored instead
+    of deleted, and removed after the job."""
+    os.environ[MLFLOW_RUN_ID] = run_id
+    try:
+        yield
+    finally:
+        os.environ.pop(MLFLOW_RUN_ID, None)
+
+
+def place_this_worker(gpu: "str | None", threads: "int | None") -> None:
+    """This process's GPU (before a job first uses CUDA) and its torch threads (read when torch
+    starts)."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -84,3 +84,30 @@ def writable_place(path: Path) -> bool:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
+class DatabaseUnreachable(Exception):
+    """One connection to a database server failed; the message is its first line, masked."""
+
+
+def probe(url: str, timeout_s: float = 10.0) -> None:
+    """One connection to the database server at `url` (no tables made; a refused login, a
+    missing database, no driver and no server all raise DatabaseUnreachable). The one probe of
+    both stores: MLflow itself would retry a missing database for about 2 minutes."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    from mlflow_study_sweeper.errors import mask_url
+
+    connect_args = {"connect_timeout": int(timeout_s)} if url.startswith("postgres") else {}
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=connect_args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        first = lines[0] if lines else type(err).__name__
+        raise DatabaseUnreachable(mask_url(first)[:300]) from None

@@ -75,15 +75,11 @@ RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 KILLED_FAILURES = ("interrupted", "time_budget")
 
 
-# a provisional run id (given while the tracking server was away) -> the run's id on the server,
-# filled in by _relay as kept writes are delivered
-RUN_ID_ALIASES: dict[str, str] = {}
-
-
 # ---- accessors ----------------------------------------------------------------------------------
 def run_id(trial: FrozenTrial) -> str | None:
-    found = trial.user_attrs.get(RUN_ID)
-    return RUN_ID_ALIASES.get(found, found) if found else found
+    """The trial's run as the trial records it (a provisional id while the tracking server was
+    away and the study could not be told its real one: tracking.lifecycle.SweepRuns.run_id)."""
+    return trial.user_attrs.get(RUN_ID)
 
 
 def failure(trial: FrozenTrial) -> str | None:

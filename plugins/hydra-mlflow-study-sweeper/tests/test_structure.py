@@ -177,3 +177,74 @@ def test_the_old_job_import_is_the_new_one():
     assert sorted(job.__all__) == sorted(new.__all__)
     for name in new.__all__:
         assert getattr(job, name) is getattr(new, name)
+
+
+def _module_aliases(module: ast.Module) -> set[str]:
+    """The names under which a module imports the core's modules (keys, job_side, ...)."""
+    out = set()
+    for node in ast.walk(module):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "mlflow_study_sweeper"
+        ):
+            for alias in node.names:
+                name = alias.asname or alias.name
+                target = f"{node.module}.{alias.name}".removeprefix("mlflow_study_sweeper.")
+                if target in MODULES:
+                    out.add(name)
+    return out
+
+
+def test_no_module_writes_another_modules_globals():
+    """A module-level value is written only by the module that defines it: no
+    `other.NAME = ...`, `other.NAME[key] = ...`, `other.NAME.append(...)`, and no `global`
+    rebinding from a function (state lives in objects that are passed, not in modules)."""
+    found = []
+    mutators = {"append", "extend", "update", "setdefault", "pop", "clear", "add", "discard"}
+    for module in MODULES:
+        parsed = tree(module)
+        aliases = _module_aliases(parsed)
+        for node in ast.walk(parsed):
+            targets = []
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            elif isinstance(node, ast.Delete):
+                targets = node.targets
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in mutators
+            ):
+                targets = [node.func.value]
+            for target in targets:
+                while isinstance(target, (ast.Subscript, ast.Attribute)):
+                    inner = target.value
+                    if isinstance(inner, ast.Name) and inner.id in aliases:
+                        found.append(f"{module}:{node.lineno} writes {inner.id}.")
+                        break
+                    target = inner
+            if isinstance(node, ast.Global):
+                found.append(f"{module}:{node.lineno} global {', '.join(node.names)}")
+    assert found == []
+
+
+def test_the_environment_is_written_in_one_place():
+    """os.environ is written by the job contract alone (what a worker or job inherits)."""
+    found = []
+    writes = {"setdefault", "pop", "update", "clear", "__setitem__", "__delitem__"}
+    for module in MODULES:
+        if module == "contract":
+            continue
+        for node in ast.walk(tree(module)):
+            target = None
+            if isinstance(node, (ast.Assign, ast.Delete)):
+                for t in node.targets:
+                    if isinstance(t, ast.Subscript):
+                        target = t.value
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr in writes:
+                    target = node.func.value
+                if node.func.attr == "putenv":
+                    target = node.func.value
+            if target is not None and ast.unparse(target) in ("os.environ", "os"):
+                found.append(f"{module}:{node.lineno} {ast.unparse(node)[:60]}")
+    assert found == []

@@ -18,12 +18,26 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mlflow_study_sweeper import contract
 from mlflow_study_sweeper.errors import SweepConfigError
 
 HAS_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")
 MAX_IDLE_DEATHS = 3  # a slot whose workers fail this often in a row, untrained: not refilled
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Where the workers run and what each holds (hydra.sweeper.backend, n_jobs, resources,
+    ray), checked."""
+
+    backend: str  # local or ray
+    n_jobs: int
+    cpu: float | None = None  # per worker; None: the local default (the cores shared evenly)
+    gpu: float | None = None  # per worker; None: the local default (visible GPUs round robin)
+    ray_address: str | None = None
+    runtime_env: dict | None = None
 
 
 class Replacements:
@@ -155,14 +169,10 @@ class WorkerPool:
 
     def place_this_process(self) -> None:
         """This process is worker 0: its GPU (before the job first uses CUDA) and threads."""
-        if self.devices[0] is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = self.devices[0]
-        if self.n_extra < 1:
-            return
-        # torch reads OMP_NUM_THREADS when it starts; an app that imported it is told directly
-        os.environ["OMP_NUM_THREADS"] = str(self.threads)
+        alone = self.n_extra < 1  # alone, it keeps the machine's threads
+        contract.place_this_worker(self.devices[0], None if alone else self.threads)
         torch = sys.modules.get("torch")
-        if torch is not None:
+        if torch is not None and not alone:  # an app that imported torch is told directly
             torch.set_num_threads(self.threads)
 
     def _spawn(self, slot: int) -> subprocess.Popen:

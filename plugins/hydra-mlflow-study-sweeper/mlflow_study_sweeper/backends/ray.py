@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow_study_sweeper import contract
 from mlflow_study_sweeper.backends.local import Replacements, worker_command
 from mlflow_study_sweeper.databases import sqlite_path
 from mlflow_study_sweeper.errors import SweepConfigError, SweepError, mask_url
@@ -45,8 +46,8 @@ class RayStopped(SweepError):
 
 def import_ray() -> Any:
     # every worker's lines reach this console as they are written, not "[repeated 2x]" (Ray
-    # reads it when imported)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # reads RAY_DEDUP_LOGS when imported)
+    contract.quiet_libraries()
     try:
         import ray
     except ImportError:

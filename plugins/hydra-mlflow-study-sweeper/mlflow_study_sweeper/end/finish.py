@@ -24,8 +24,9 @@ from mlflow_study_sweeper.errors import mask_url
 from mlflow_study_sweeper.faults import crash_point
 from mlflow_study_sweeper.search.grammar import as_override
 from mlflow_study_sweeper.search.objectives import KNEE, Objectives
-from mlflow_study_sweeper.tracking import lifecycle, store
+from mlflow_study_sweeper.tracking import lifecycle
 from mlflow_study_sweeper.tracking.lifecycle import SweepRuns
+from mlflow_study_sweeper.tracking.store import TrackingStore
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Registration:
     direction: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class EndPlan:
     """What the end needs to know of the sweep's settings."""
 
@@ -50,15 +51,15 @@ class EndPlan:
     fixed: list[str]  # the command line's fixed overrides, to compose the best trial's config
     compose: Callable[[list[str]], DictConfig]
     sweep_dir: str
-    tracking_uri: str
     grace_s: float
     publish: Any = None  # the app's hook, a _target_ mapping
     registry: Registration = field(default_factory=Registration)
 
 
 class SweepEnd:
-    def __init__(self, plan: EndPlan) -> None:
+    def __init__(self, plan: EndPlan, tracking: TrackingStore) -> None:
         self.plan = plan
+        self.tracking = tracking
 
     def finish(self, study: optuna.Study, runs: SweepRuns, resumed_complete: bool = False) -> Any:
         trials = study.get_trials(deepcopy=False)
@@ -70,8 +71,7 @@ class SweepEnd:
         try:
             # a tracking server that goes away during the end is waited for; the steps done
             # are recorded in the claim, and not done again
-            result = store.until_reachable(
-                self.plan.tracking_uri,
+            result = self.tracking.until_reachable(
                 lambda: self.end_steps(study, runs, claim),
                 what="end the sweep",
             )
@@ -95,7 +95,7 @@ class SweepEnd:
         if not resumed_complete:
             print(f"The sweep is finished; {claim.describe_holder(current)} ended it.")
             return []
-        print(self.summary(study, parent_run_id=None))
+        print(self.summary(study, runs, parent_run_id=None))
         print(
             f"Study {study.study_name!r} already has {console.finished(study.get_trials())} "
             f"finished trials (n_trials={self.plan.n_trials}). To continue it, raise "
@@ -110,7 +110,7 @@ class SweepEnd:
         if objectives.multi:
             self.mark_front(study, runs)
         best = objectives.best(study)
-        best_run_id = keys.run_id(best) if best else None
+        best_run_id = runs.run_id(best) if best else None
         if best_run_id and lifecycle.run_or_none(runs.client, best_run_id) is None:
             log.warning("the best trial's run %s was deleted: nothing to tag", best_run_id)
             best_run_id = None
@@ -146,10 +146,10 @@ class SweepEnd:
             objectives,
             best_run_id,
             runs.parent_run_id,
-            mask_url(self.plan.tracking_uri),
+            mask_url(self.tracking.uri),
             published,
         )
-        print(self.summary(study, runs.parent_run_id))
+        print(self.summary(study, runs, runs.parent_run_id))
         if published is not None:
             print(published.line())
         if best_run_id:
@@ -165,7 +165,7 @@ class SweepEnd:
             hook = instantiate(self.plan.publish, _partial_=True)
             hook(run_id=best_run_id, config=cfg)
         except Exception as err:
-            if store.tracking_away(self.plan.tracking_uri, err):
+            if self.tracking.away(err):
                 raise  # the end waits for the server, then publishes (see finish)
             # the sweep's results stand without a published model; say why there is none
             log.error("the publish hook failed: %s: %s", type(err).__name__, err)
@@ -228,16 +228,16 @@ class SweepEnd:
         """Tag the Pareto front's runs (only they), and put the front on the parent as a table."""
         objectives = self.plan.objectives
         front = objectives.front(study)
-        runs.mark_front({keys.run_id(t) for t in front} - {None})
+        runs.mark_front({runs.run_id(t) for t in front} - {None})
         rows = [
-            {"trial": t.number, **t.params, **objectives.of(t), "run_id": keys.run_id(t)}
+            {"trial": t.number, **t.params, **objectives.of(t), "run_id": runs.run_id(t)}
             for t in sorted(front, key=lambda t: t.values[0])
         ]
         if rows:
             lifecycle.log_table(runs.client, runs.parent_run_id, rows, "pareto_front.json")
         crash_point("end-front-tagged")
 
-    def summary(self, study: optuna.Study, parent_run_id: str | None) -> str:
+    def summary(self, study: optuna.Study, runs: SweepRuns, parent_run_id: str | None) -> str:
         objectives = self.plan.objectives
         done = console.counts(study.get_trials(deepcopy=False))
         best = objectives.best(study)
@@ -258,7 +258,7 @@ class SweepEnd:
             params = ", ".join(f"{k}={console.short(v)}" for k, v in best.params.items())
             lines.append(
                 f"{what}: trial {best.number} {console.show(objectives, best)} ({params}), "
-                f"run {keys.run_id(best)}"
+                f"run {runs.run_id(best)}"
             )
         elif front:
             lines.append(
@@ -269,7 +269,7 @@ class SweepEnd:
             lines.append("no trial completed, so there is no best run")
         if parent_run_id:
             lines.append(f"parent run {parent_run_id}; results in {self.plan.sweep_dir}")
-        uri = mask_url(self.plan.tracking_uri)
+        uri = mask_url(self.tracking.uri)
         if uri.startswith(("http://", "https://")):
             lines.append(f"see the runs: open {uri}")
         else:

@@ -11,14 +11,14 @@ no retries: a full disk is one error, not ten minutes of waiting.
 
 from __future__ import annotations
 
-import re
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from mlflow_study_sweeper.errors import SweepError, duration, mask_url
+from mlflow_study_sweeper import errors
+from mlflow_study_sweeper.errors import SweepError, duration, first_line, mask_url
 
 T = TypeVar("T")
 DEFAULT_LIMIT_S = 600.0
@@ -32,27 +32,31 @@ class StorageUnreachable(SweepError, ConnectionError):
     exit_code = 1
 
 
+def _dropped(err: BaseException) -> bool:
+    """A driver's error on a connection that SQLAlchemy found dropped, or psycopg's own
+    OperationalError/InterfaceError (raised outside SQLAlchemy's wrappers)."""
+    import sqlalchemy.exc
+
+    if isinstance(err, sqlalchemy.exc.DBAPIError) and err.connection_invalidated:
+        return True
+    return type(err).__module__.startswith("psycopg") and type(err).__name__ in (
+        "OperationalError",
+        "InterfaceError",
+    )
+
+
 def unreachable(err: BaseException) -> bool:
     """Whether `err` (or an error it was raised from) says the database server cannot be
     reached: no connection, a connection dropped, a server starting up or shutting down, a
     deadlock that a retry resolves. A constraint or bad data is not."""
     import sqlalchemy.exc
 
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)):
-            return False
-        if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return True
-        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
-            return True
-        if type(seen).__module__.startswith("psycopg") and type(seen).__name__ in (
-            "OperationalError",
-            "InterfaceError",
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return errors.unreachable(
+        err,
+        (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError),
+        refused=(sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError),
+        also=_dropped,
+    )
 
 
 class Outages:
@@ -159,17 +163,3 @@ def calm(grace_s: float) -> bool:
 
 def has_server(url: str) -> bool:
     return url.startswith(("postgresql", "mysql"))
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    cause = err.__cause__
-    # Optuna's StorageInternalError says only "An exception is raised during the commit": the
-    # driver's own words are in its cause
-    while cause is not None and type(err).__module__.startswith("optuna"):
-        err, cause = cause, cause.__cause__
-        text = str(err).strip()
-    line = text.splitlines()[0] if text else type(err).__name__
-    # SQLAlchemy's "(psycopg.OperationalError) connection failed: " before the driver's words
-    line = re.sub(r"^\([\w.]+\) ", "", line).removeprefix("connection failed: ")
-    return mask_url(line)[:200]

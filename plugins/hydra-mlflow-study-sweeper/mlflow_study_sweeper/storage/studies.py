@@ -6,6 +6,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -13,13 +14,27 @@ from optuna.trial import TrialState
 
 from mlflow_study_sweeper import keys
 from mlflow_study_sweeper.databases import (
+    DatabaseUnreachable,
     create_whole,
+    probe,
     sqlite_path,
     tables,
     writable_place,
 )
 from mlflow_study_sweeper.errors import SweepConfigError, SweepError, mask_url
 from mlflow_study_sweeper.storage import optuna_internals, outages
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """The study's settings, checked: where it lives and what it optimises."""
+
+    url: str | None  # None: in memory, one process
+    name: str
+    objectives: tuple[tuple[str, str], ...]  # (metric name, maximize or minimize), in order
+    heartbeat_interval: int = 10
+    heartbeat_grace: int = 60
+    outage_limit_s: float | None = None  # None: the default (storage.outages.DEFAULT_LIMIT_S)
 
 
 @contextlib.contextmanager
@@ -116,24 +131,13 @@ def check_storage(url: str, probe_server: bool = True) -> None:
 
 
 def check_database(url: str, timeout_s: int = 10) -> None:
-    """One connection to the storage's database server (no tables made)."""
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    connect_args = {"connect_timeout": timeout_s} if url.startswith("postgres") else {}
+    """One connection to the storage's database server (databases.probe; no tables made)."""
     try:
-        engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=connect_args)
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
-    except Exception as err:  # no server, no such database, a refused login, no driver
-        lines = str(err).strip().splitlines()
-        first = lines[0] if lines else type(err).__name__
+        probe(url, timeout_s)
+    except DatabaseUnreachable as err:
         raise SweepConfigError(
-            f"cannot open the Optuna storage {mask_url(url)}: {mask_url(first)[:300]}. Check "
-            f"the URL, that the database exists (createdb ...) and that its server runs"
+            f"cannot open the Optuna storage {mask_url(url)}: {err}. Check the URL, that the "
+            f"database exists (createdb ...) and that its server runs"
         ) from None
 
 
@@ -182,21 +186,24 @@ def open_study(
 
 
 def open_or_explain(
-    url: str | None,
-    name: str,
-    objectives: tuple[tuple[str, str], ...],
+    settings: StudySettings,
     sampler: optuna.samplers.BaseSampler,
     pruner: optuna.pruners.BasePruner,
     creator: dict[str, str],
-    heartbeat: tuple[int, int],
-    outage_limit_s: float | None = None,
     attempts: int = 5,
 ) -> tuple[optuna.Study, bool]:
-    """open_study on the storage at `url`; a storage that cannot open is one SweepConfigError."""
+    """open_study on the storage at `settings.url`; a storage that cannot open is one
+    SweepConfigError."""
+    url = settings.url
     for attempt in range(attempts):
         try:
-            storage = make_storage(url, *heartbeat, outage_limit_s=outage_limit_s)
-            return open_study(name, storage, objectives, sampler, pruner, creator)
+            storage = make_storage(
+                url,
+                settings.heartbeat_interval,
+                settings.heartbeat_grace,
+                outage_limit_s=settings.outage_limit_s,
+            )
+            return open_study(settings.name, storage, settings.objectives, sampler, pruner, creator)
         except SweepError:
             raise
         except Exception as err:  # a database that does not exist, a server that refuses

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -17,15 +18,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mlflow_study_sweeper import contract
 from mlflow_study_sweeper.backends import ray
-from mlflow_study_sweeper.backends.local import gpu_assignment, visible_gpus
+from mlflow_study_sweeper.backends.local import WorkerSettings, gpu_assignment, visible_gpus
+from mlflow_study_sweeper.end.finish import EndPlan, Registration
 from mlflow_study_sweeper.errors import SweepConfigError
 from mlflow_study_sweeper.search import grammar
 from mlflow_study_sweeper.search.objectives import MULTI_OBJECTIVE_REFUSED, Objectives
 from mlflow_study_sweeper.search.samplers import make_pruner, make_sampler
 from mlflow_study_sweeper.storage.outages import DEFAULT_LIMIT_S
-from mlflow_study_sweeper.storage.studies import check_storage
+from mlflow_study_sweeper.storage.studies import StudySettings, check_storage
+from mlflow_study_sweeper.sweep.loop import LoopSettings
 from mlflow_study_sweeper.sweep.warm import check_enqueue
 from mlflow_study_sweeper.tracking import store
+from mlflow_study_sweeper.tracking.store import TrackingSettings
 from mlflow_study_sweeper.trial.launch import IN_PROCESS_LAUNCHERS
 
 MAX_TRIALS = 1_000_000
@@ -33,28 +37,35 @@ MAX_RAY_WORKERS = 10_000
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-@dataclass
-class Resources:
-    cpu: float | None  # per worker; None: the local default (the cores shared evenly)
-    gpu: float | None  # per worker; None: the local default (visible GPUs round robin)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """The settings, checked: one small value per layer, each validated once, and what the
+    checks built on the way (the space, the composed base config, the sampler and pruner, a
+    Ray cluster joined). Nothing after the checks reads the settings themselves."""
+
     space: dict[str, Any]
     fixed: list[str]
     base: DictConfig
     sampler: optuna.samplers.BaseSampler
     pruner: optuna.pruners.BasePruner
-    storage_url: str | None
-    tracking_uri: str
-    experiment_name: str
     objectives: Objectives
-    timeout_s: float | None = None
-    storage_outage_limit_s: float = DEFAULT_LIMIT_S
-    enqueue: list | None = None
-    resources: Resources = field(default_factory=lambda: Resources(None, None))
-    cluster: Any = None  # the Ray cluster (ray.Cluster) of backend=ray; None: local workers
+    study: StudySettings
+    tracking: TrackingSettings
+    loop: LoopSettings
+    workers: WorkerSettings
+    end: EndPlan
+    seeds: Seeds
+    pruner_json: str  # the pruner's settings, for jobs in other processes (contract.PRUNER)
+    cluster: Any = None  # the Ray cluster (backends.ray.Cluster) of backend=ray; None: local
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """What the study is given before its first trial: parameter sets to try first, and an
+    earlier study or sweep whose finished trials the sampler learns from."""
+
+    enqueue: list[dict[str, Any]]
+    warm_start_from: str | None
 
 
 class Checks:
@@ -86,22 +97,50 @@ class Checks:
         uri = store.absolute_uri(uri, self.start_dir)
         # before the study exists
         store.check_store(uri, probe_server=not contract.is_worker())
-        resources = self.resources()
-        cluster = self.cluster(storage, uri, resources)
+        workers = self.workers()
+        cluster = self.cluster(storage, uri, workers)
+        loop = LoopSettings(
+            n_trials=s.n_trials,
+            max_failure_rate=float(s.max_failure_rate),
+            trial_timeout=float(s.trial_timeout) if s.trial_timeout is not None else None,
+            grace_s=float(s.heartbeat_grace),
+            keep_checkpoints=bool(s.keep_checkpoints),
+            n_jobs=s.n_jobs,
+            timeout_s=parse_duration(s.timeout),
+        )
+        reg = s.registry
         return Plan(
             space=space,
             fixed=fixed,
             base=base,
             sampler=sampler,
             pruner=pruner,
-            storage_url=storage,
-            tracking_uri=uri,
-            experiment_name=str(s.experiment_name or self.config.hydra.job.name),
             objectives=objectives,
-            timeout_s=parse_duration(s.timeout),
-            storage_outage_limit_s=self.outage_limit(),
-            enqueue=check_enqueue(s.enqueue, space),
-            resources=resources,
+            study=StudySettings(
+                url=storage,
+                name=str(s.study_name),
+                objectives=tuple(zip(objectives.names, objectives.directions, strict=True)),
+                heartbeat_interval=s.heartbeat_interval,
+                heartbeat_grace=s.heartbeat_grace,
+                outage_limit_s=self.outage_limit(),
+            ),
+            tracking=TrackingSettings(
+                uri=uri, experiment_name=str(s.experiment_name or self.config.hydra.job.name)
+            ),
+            loop=loop,
+            workers=workers,
+            end=EndPlan(
+                objectives=objectives,
+                n_trials=s.n_trials,
+                fixed=fixed,
+                compose=self.compose,
+                sweep_dir=str(self.config.hydra.sweep.dir),
+                grace_s=float(s.heartbeat_grace),
+                publish=s.publish,
+                registry=Registration(reg.model, reg.name, reg.alias, reg.metric, reg.direction),
+            ),
+            seeds=Seeds(check_enqueue(s.enqueue, space) or [], s.warm_start_from),
+            pruner_json=json.dumps(s.pruner),
             cluster=cluster,
         )
 
@@ -153,7 +192,7 @@ class Checks:
                 f"failed; it beats every `interval`): e.g. 10 and 60"
             )
 
-    def resources(self) -> Resources:
+    def workers(self) -> WorkerSettings:
         cpu, gpu = self.s.resources.cpu, self.s.resources.gpu
         for name, value, least in (("cpu", cpu, 0), ("gpu", gpu, -1)):
             if value is not None and not (
@@ -165,20 +204,23 @@ class Checks:
                 )
         if self.s.backend == "local":
             gpu_assignment(self.s.n_jobs, visible_gpus(), gpu)  # GPUs enough for the workers
-        return Resources(cpu, gpu)
-
-    def cluster(self, storage: str | None, tracking_uri: str, resources: Resources) -> Any:
-        """backend=ray: the cluster joined (or started) and checked; None for local workers."""
-        if self.s.backend != "ray" or contract.is_worker():
-            return None
-        runtime_env = self.s.ray.runtime_env
-        cluster = ray.connect(
-            self.s.ray.address, dict(runtime_env) if runtime_env else None, self.start_dir
+        ray = self.s.ray
+        return WorkerSettings(
+            backend=self.s.backend,
+            n_jobs=self.s.n_jobs,
+            cpu=cpu,
+            gpu=gpu,
+            ray_address=ray.address,
+            runtime_env=dict(ray.runtime_env) if ray.runtime_env else None,
         )
+
+    def cluster(self, storage: str | None, tracking_uri: str, workers: WorkerSettings) -> Any:
+        """backend=ray: the cluster joined (or started) and checked; None for local workers."""
+        if workers.backend != "ray" or contract.is_worker():
+            return None
+        cluster = ray.connect(workers.ray_address, workers.runtime_env, self.start_dir)
         try:
-            ray.check_cluster(
-                cluster, storage, tracking_uri, resources.cpu or 1, resources.gpu or 0
-            )
+            ray.check_cluster(cluster, storage, tracking_uri, workers.cpu or 1, workers.gpu or 0)
         except BaseException:
             cluster.shutdown()
             raise

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
-import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from omegaconf import DictConfig
 from mlflow_study_sweeper import console, contract, keys
 from mlflow_study_sweeper.backends.local import WorkerPool
 from mlflow_study_sweeper.backends.ray import RayWorkers
-from mlflow_study_sweeper.end.finish import EndPlan, Registration, SweepEnd
+from mlflow_study_sweeper.end.finish import SweepEnd
 from mlflow_study_sweeper.errors import SweepError, SweepStopped, mask_url
 from mlflow_study_sweeper.faults import crash_point
 from mlflow_study_sweeper.search import grammar
@@ -30,12 +29,12 @@ from mlflow_study_sweeper.storage import liveness, optuna_internals
 from mlflow_study_sweeper.storage.outages import StorageUnreachable
 from mlflow_study_sweeper.storage.studies import open_or_explain
 from mlflow_study_sweeper.sweep.checks import Checks, Plan
-from mlflow_study_sweeper.sweep.loop import Ending, LoopEnd, TrialLoop, terminated
+from mlflow_study_sweeper.sweep.loop import Ending, LoopEnd, TrialLoop
 from mlflow_study_sweeper.sweep.warm import seed_study
 from mlflow_study_sweeper.tracking import lifecycle, store
 from mlflow_study_sweeper.tracking.lifecycle import SweepRuns
-from mlflow_study_sweeper.tracking.relay import stores
-from mlflow_study_sweeper.trial.launch import IN_PROCESS_LAUNCHERS, jobs_for
+from mlflow_study_sweeper.tracking.store import TrackingStore
+from mlflow_study_sweeper.trial.launch import jobs_for
 
 log = logging.getLogger(__name__)
 WAIT_FOR_PARENT_S = 60
@@ -55,8 +54,7 @@ def run_sweep(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens
     # one progress line per trial replaces the launcher's "Launching 1 jobs locally" pair
     logging.getLogger("hydra._internal.core_plugins.basic_launcher").setLevel(logging.WARNING)
-    # MLflow prints "View run ... / View experiment ..." for every run on an HTTP server
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    contract.quiet_libraries()
     sweep = SweepRun(settings, hydra_context, task_function, config)
     try:
         return sweep.run(arguments)
@@ -67,8 +65,9 @@ def run_sweep(
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's preemption) stops the sweep as Ctrl-C does, then exits 143."""
+def sigterm_as_interrupt(terminated: threading.Event):
+    """SIGTERM (a scheduler's preemption) stops the sweep as Ctrl-C does, then exits 143;
+    `terminated` tells the two apart."""
 
     def stop(signum, frame):
         terminated.set()
@@ -88,7 +87,6 @@ def sigterm_as_interrupt():
 
 class SweepRun:
     def __init__(self, settings, hydra_context, task_function, config: DictConfig) -> None:
-        self.s = settings
         self.hydra_context = hydra_context
         self.task_function = task_function
         self.config = config
@@ -97,13 +95,15 @@ class SweepRun:
         )
         self.start_dir = Path(config.hydra.runtime.cwd)
         self.is_worker = contract.is_worker()
+        # the settings stop here: the checks turn them into the plan's typed values
         self.checks = Checks(settings, hydra_context, config, self.launcher, self.start_dir)
         self.study: optuna.Study | None = None
+        self.terminated = threading.Event()
 
     def run(self, arguments: list[str]) -> Any:
         plan = self.checks.plan(arguments)
         try:
-            with sigterm_as_interrupt():
+            with sigterm_as_interrupt(self.terminated):
                 return self.sweep(plan)
         finally:
             optuna_internals.close(self.study)
@@ -111,32 +111,29 @@ class SweepRun:
                 plan.cluster.shutdown()  # a Ray instance started for this sweep stops with it
 
     def sweep(self, plan: Plan) -> Any:
-        study, runs, created = self.open_stores(plan)
-        end = SweepEnd(self.end_plan(plan))
+        study, runs, created, tracking = self.open_stores(plan)
+        end = SweepEnd(plan.end, tracking)
         loop = self.trial_loop(study, runs, plan)
         started = time.time()
         loop.recover()
         runs.settle(study.get_trials(deepcopy=False))  # runs a killed sweep left open or wrong
-        store.until_reachable(
-            plan.tracking_uri,
-            lambda: self.parent_run(runs, study, created, plan),
-            quiet=self.is_worker,
+        tracking.until_reachable(
+            lambda: self.parent_run(runs, study, created, plan), quiet=self.is_worker
         )
-        done = console.finished(study.get_trials(deepcopy=False)) >= self.s.n_trials
+        n_trials = plan.loop.n_trials
+        done = console.finished(study.get_trials(deepcopy=False)) >= n_trials
         if done and not self.is_worker:
             return end.finish(study, runs, resumed_complete=True)
         self.print_plan(plan, study)
         ending = self.train(loop, runs, plan)
         # what was kept while the tracking server was away reaches it before anything ends
-        self.deliver_kept(plan, started)
+        self.deliver_kept(tracking, plan, started)
         if self.is_worker:
             return []
-        if plan.timeout_s:
-            self.budget_report(loop, ending, runs, plan.timeout_s, time.time() - started)
+        if plan.loop.timeout_s:
+            self.budget_report(loop, ending, runs, plan.loop.timeout_s, time.time() - started)
         if ending.how == Ending.GRID_USED_UP:
-            print(
-                f"The grid is used up: every one of its points has been tried ({self.s.sampler})."
-            )
+            print("The grid is used up: every one of its points has been tried.")
         runs.settle(study.get_trials(deepcopy=False))  # runs left unsettled while it was away
         if ending.how == Ending.WAITING_ON_OTHERS:
             print(
@@ -148,17 +145,11 @@ class SweepRun:
             return []
         return end.finish(study, runs)
 
-    def open_stores(self, plan: Plan) -> tuple[optuna.Study, SweepRuns, bool]:
-        """The study (created, or resumed if its space still fits), the MLflow store, the env."""
+    def open_stores(self, plan: Plan) -> tuple[optuna.Study, SweepRuns, bool, TrackingStore]:
+        """The study (created, or resumed if its space still fits), the MLflow store, and what
+        every job and worker inherits."""
         study, created = open_or_explain(
-            plan.storage_url,
-            self.s.study_name,
-            tuple(zip(plan.objectives.names, plan.objectives.directions, strict=True)),
-            plan.sampler,
-            plan.pruner,
-            creator=liveness.worker_label(),
-            heartbeat=(self.s.heartbeat_interval, self.s.heartbeat_grace),
-            outage_limit_s=plan.storage_outage_limit_s,
+            plan.study, plan.sampler, plan.pruner, creator=liveness.worker_label()
         )
         self.study = study
         crash_point("study-created")
@@ -167,41 +158,44 @@ class SweepRun:
             # a resumed study, or a second worker: the seed's sequence would repeat the first
             # worker's trials, so only the process that created the study keeps the seed
             plan.sampler.reseed_rng()
-        client = store.connect(plan.tracking_uri)  # a down server fails here, not later
-        relay = stores.ACTIVE
-        if relay is not None:
+        # a down server fails here, not later
+        tracking = store.connect(plan.tracking.uri, worker=self.is_worker)
+        if tracking.relay is not None:
             # a run given a provisional id while the server was away gets its real one on the
             # trials too; then what killed processes kept during an outage is sent, first
-            relay.on_mapped.append(
+            tracking.relay.on_mapped.append(
                 lambda old, new: optuna_internals.replace_attr_values(study, old, new)
             )
-            relay.deliver_orphans()
+            tracking.relay.deliver_orphans()
+        seeds = plan.seeds
         for note in seed_study(
-            study, plan.space, plan.enqueue or [], self.s.warm_start_from, client, plan.objectives
+            study,
+            plan.space,
+            seeds.enqueue,
+            seeds.warm_start_from,
+            tracking.client,
+            plan.objectives,
         ):
             print(note, flush=True)
-        experiment = store.until_reachable(
-            plan.tracking_uri,
-            lambda: store.experiment_id(client, plan.experiment_name),
-            quiet=self.is_worker,
+        experiment = tracking.until_reachable(
+            lambda: tracking.experiment_id(plan.tracking.experiment_name), quiet=self.is_worker
         )
         crash_point("stores-created")
         # handed to every job's process through the environment, never on a command line
-        os.environ[contract.MLFLOW_TRACKING_URI] = plan.tracking_uri
-        mlflow.set_tracking_uri(plan.tracking_uri)
-        if plan.storage_url:
-            os.environ[contract.STORAGE_URL] = plan.storage_url
-            os.environ[contract.STORAGE_OUTAGE_LIMIT] = str(plan.storage_outage_limit_s)
-        os.environ[contract.PRUNER] = json.dumps(self.s.pruner)
-        return study, SweepRuns(client, experiment, study.study_name), created
+        contract.hand_to_jobs(
+            plan.tracking.uri, plan.study.url, plan.study.outage_limit_s, plan.pruner_json
+        )
+        mlflow.set_tracking_uri(plan.tracking.uri)
+        runs = SweepRuns(tracking.client, experiment, study.study_name, real=tracking.real_id)
+        return study, runs, created, tracking
 
-    def deliver_kept(self, plan: Plan, started: float) -> None:
+    def deliver_kept(self, tracking: TrackingStore, plan: Plan, started: float) -> None:
         """Wait for the tracking server to take what this process (and workers that died)
         kept while it was away: within the time budget when there is one."""
-        relay = stores.ACTIVE
+        relay = tracking.relay
         if relay is None:
             return
-        deadline = started + plan.timeout_s if plan.timeout_s else None
+        deadline = started + plan.loop.timeout_s if plan.loop.timeout_s else None
         if relay.queued():
             until = "until the time budget ends" if deadline else "Ctrl-C stops; a rerun sends them"
             print(
@@ -217,22 +211,7 @@ class SweepRun:
                 f"first: rerun the same command when it is back to end the sweep"
             )
 
-    def end_plan(self, plan: Plan) -> EndPlan:
-        reg = self.s.registry
-        return EndPlan(
-            objectives=plan.objectives,
-            n_trials=self.s.n_trials,
-            fixed=plan.fixed,
-            compose=self.checks.compose,
-            sweep_dir=str(self.config.hydra.sweep.dir),
-            tracking_uri=plan.tracking_uri,
-            grace_s=self.s.heartbeat_grace,
-            publish=self.s.publish,
-            registry=Registration(reg.model, reg.name, reg.alias, reg.metric, reg.direction),
-        )
-
     def trial_loop(self, study: optuna.Study, runs: SweepRuns, plan: Plan) -> TrialLoop:
-        s = self.s
         jobs = jobs_for(
             self.launcher,
             self.hydra_context,
@@ -246,22 +225,15 @@ class SweepRun:
             space=plan.space,
             runs=runs,
             jobs=jobs,
-            n_trials=s.n_trials,
             objectives=plan.objectives,
-            max_failure_rate=float(s.max_failure_rate),
-            trial_timeout=s.trial_timeout,
-            grace_s=s.heartbeat_grace,
-            in_process=type(self.launcher).__name__ in IN_PROCESS_LAUNCHERS,
+            settings=plan.loop,
+            terminated=self.terminated,
             progress=console.EpochProgress(plan.objectives.metric),
-            keep_checkpoints=bool(s.keep_checkpoints),
-            n_jobs=s.n_jobs,
         )
-        if plan.timeout_s:
+        if plan.loop.timeout_s:
             # time is kept for the end (publishing, the report); workers share the first deadline
-            reserve = min(60.0, 0.1 * plan.timeout_s)
-            deadline = os.environ.get(contract.DEADLINE) or time.time() + plan.timeout_s - reserve
-            os.environ[contract.DEADLINE] = str(deadline)
-            loop.deadline = float(deadline)
+            reserve = min(60.0, 0.1 * plan.loop.timeout_s)
+            loop.deadline = contract.share_deadline(time.time() + plan.loop.timeout_s - reserve)
         return loop
 
     def train(self, loop: TrialLoop, runs: SweepRuns, plan: Plan) -> LoopEnd:
@@ -279,9 +251,9 @@ class SweepRun:
         except (KeyboardInterrupt, SystemExit) as err:
             workers.stop()
             loop.recover()
-            code = 143 if terminated.is_set() else 130
-            why = "SIGTERM" if terminated.is_set() else type(err).__name__
-            where = mask_url(plan.storage_url) if plan.storage_url else "memory"
+            code = 143 if self.terminated.is_set() else 130
+            why = "SIGTERM" if self.terminated.is_set() else type(err).__name__
+            where = mask_url(plan.study.url) if plan.study.url else "memory"
             print(
                 f"\nSweep interrupted ({why}); finished trials are kept in {where}. Resume with "
                 f"the same command.",
@@ -320,7 +292,7 @@ class SweepRun:
         )
         print(
             f"Time budget {console.duration(budget)}: trials ran for {console.duration(used)} "
-            f"({why}); {console.finished(trials)}/{self.s.n_trials} finished, {stopped} "
+            f"({why}); {console.finished(trials)}/{loop.settings.n_trials} finished, {stopped} "
             f"stopped by the budget; the end follows.",
             flush=True,
         )
@@ -332,18 +304,17 @@ class SweepRun:
         )
 
     def workers(self, loop: TrialLoop, plan: Plan) -> WorkerPool | RayWorkers:
-        cpu, gpu = plan.resources.cpu, plan.resources.gpu
+        w = plan.workers
         if plan.cluster is None:
             return WorkerPool(
-                self.s.n_jobs, lambda pid, code: self.worker_died(loop, pid), cpu=cpu, gpu=gpu
+                w.n_jobs, lambda pid, code: self.worker_died(loop, pid), cpu=w.cpu, gpu=w.gpu
             )
-        runtime_env = self.s.ray.runtime_env
         return RayWorkers(
             plan.cluster,
-            self.s.n_jobs,
-            cpu=cpu or 1,
-            gpu=gpu or 0,
-            runtime_env=dict(runtime_env) if runtime_env else None,
+            w.n_jobs,
+            cpu=w.cpu or 1,
+            gpu=w.gpu or 0,
+            runtime_env=w.runtime_env,
             start_dir=self.start_dir,
             on_death=lambda label, why: self.worker_lost(loop, label, why),
         )
@@ -372,7 +343,7 @@ class SweepRun:
 
     def work_left(self, loop: TrialLoop) -> bool:
         counts = console.counts(loop.study.get_trials(deepcopy=False))
-        return counts["complete"] + counts["pruned"] + counts["running"] < self.s.n_trials
+        return counts["complete"] + counts["pruned"] + counts["running"] < loop.settings.n_trials
 
     # ---- MLflow parent run ----------------------------------------------------------------------
 
@@ -406,7 +377,7 @@ class SweepRun:
     def parent_params(self, plan: Plan) -> dict[str, Any]:
         objectives = plan.objectives
         params = {
-            "n_trials": self.s.n_trials,
+            "n_trials": plan.loop.n_trials,
             "direction": ",".join(objectives.directions),
             "sampler": type(plan.sampler).__name__,
             "pruner": type(plan.pruner).__name__,
@@ -420,10 +391,10 @@ class SweepRun:
 
     def print_plan(self, plan: Plan, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
-        where = mask_url(plan.storage_url) if plan.storage_url else "in memory"
+        where = mask_url(plan.study.url) if plan.study.url else "in memory"
         print(
             f"Study {study.study_name!r} ({where}): "
-            f"{console.finished(trials)}/{self.s.n_trials} finished"
+            f"{console.finished(trials)}/{plan.loop.n_trials} finished"
             + (" - resuming" if trials else "")
             + f"; {plan.objectives.describe()} over "
             + ", ".join(f"{k} {grammar.describe(d)}" for k, d in plan.space.items()),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,9 +39,6 @@ from mlflow_study_sweeper.trial.launch import Jobs, job_error
 log = logging.getLogger(__name__)
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
-# set by the SIGTERM handler: an interruption that came from a scheduler, not from Ctrl-C
-terminated = threading.Event()
-
 
 class Ending(enum.Enum):
     FINISHED = "the study has n_trials finished trials"
@@ -67,23 +63,32 @@ class Outcome:
     tags: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop needs of the sweep's settings, checked (see sweep.checks)."""
+
+    n_trials: int  # finished (complete or pruned) trials the study ends with
+    max_failure_rate: float = 0.25
+    trial_timeout: float | None = None  # seconds a trial may run
+    grace_s: float = 60.0  # a trial silent this long (no heartbeat) has a dead worker
+    keep_checkpoints: bool = False  # a finished trial keeps its last checkpoint
+    n_jobs: int = 1  # workers on this machine, for the time left
+    timeout_s: float | None = None  # the time budget of the command (hydra.sweeper.timeout)
+
+
 @dataclass
 class TrialLoop:
     study: optuna.Study
     space: dict[str, Any]
     runs: SweepRuns
     jobs: Jobs
-    n_trials: int
     objectives: Objectives
-    max_failure_rate: float
-    trial_timeout: float | None
-    grace_s: float
-    in_process: bool  # the job runs in this process: its reporter holds what it decided
+    settings: LoopSettings
+    # set by the command's SIGTERM handler: an interruption from a scheduler, not from Ctrl-C
+    terminated: threading.Event = field(default_factory=threading.Event)
     progress: console.EpochProgress | None = None
-    keep_checkpoints: bool = False  # a finished trial keeps its last checkpoint
     deadline: float | None = None  # time.time() after which no trial runs (the time budget)
     durations: list[float] = field(default_factory=list)
-    n_jobs: int = 1  # workers on this machine, for the time left
     first_number: int = 0
     last: tuple[FrozenTrial, float] | None = None  # the last trial and its seconds, not printed
     in_flight: str | None = None  # the run of the trial being trained, until it is told
@@ -102,7 +107,7 @@ class TrialLoop:
             finished = console.finished(trials)
             self.print_result(trials, finished)
             self.check_failure_budget(trials)
-            if finished >= self.n_trials:
+            if finished >= self.settings.n_trials:
                 return LoopEnd(Ending.FINISHED)
             sampler = self.study.sampler
             if isinstance(sampler, ExhaustibleGridSampler) and sampler.exhausted(self.study):
@@ -113,7 +118,7 @@ class TrialLoop:
                 print(note, flush=True)
             # trials in training; an enqueued (WAITING) one is for `ask` below to hand out
             training = sum(1 for t in trials if t.state == TrialState.RUNNING)
-            if finished + training >= self.n_trials:
+            if finished + training >= self.settings.n_trials:
                 unwatched = self.running_unwatched(trials)
                 if unwatched:  # trials whose death this command could not see
                     return LoopEnd(Ending.WAITING_ON_OTHERS, tuple(unwatched))
@@ -140,7 +145,7 @@ class TrialLoop:
             if self.recover(trials=trials):
                 trials = self.study.get_trials(deepcopy=False)
             self.check_failure_budget(trials)
-            if console.finished(trials) >= self.n_trials:
+            if console.finished(trials) >= self.settings.n_trials:
                 return LoopEnd(Ending.FINISHED)
             sampler = self.study.sampler
             if isinstance(sampler, ExhaustibleGridSampler) and sampler.exhausted(self.study):
@@ -165,7 +170,7 @@ class TrialLoop:
     def recover(self, between_trials: bool = True, trials: list[FrozenTrial] | None = None) -> bool:
         """Fail the trials whose worker died, and close their runs; True if there were any."""
         failed = liveness.fail_orphaned_trials(
-            self.study, self.grace_s, own_trials_are_dead=between_trials, trials=trials
+            self.study, self.settings.grace_s, own_trials_are_dead=between_trials, trials=trials
         )
         for number, reason in failed:
             log.warning("trial %d is marked FAIL: %s", number, reason)
@@ -195,7 +200,7 @@ class TrialLoop:
             for t in mine
             if t.state == TrialState.FAIL and keys.failure(t) in ("error", "timeout")
         )
-        if errors >= 2 * self.n_trials + 10:
+        if errors >= 2 * self.settings.n_trials + 10:
             # max_failure_rate=1.0 never stops on the rate: a command whose every trial fails
             # would otherwise ask for trials forever
             raise SweepStopped(
@@ -205,13 +210,13 @@ class TrialLoop:
             )
         # judged against the planned trials until more than that have run, so that one early
         # failure does not look like a 100% rate
-        if errors > self.max_failure_rate * max(self.n_trials, len(mine)):
+        if errors > self.settings.max_failure_rate * max(self.settings.n_trials, len(mine)):
             raise SweepStopped(
                 f"{errors} of {len(mine)} trials started by this command failed, more than "
-                f"hydra.sweeper.max_failure_rate={self.max_failure_rate} allows: the sweep "
-                f"stopped. See each failed run's failure_reason tag in MLflow; fix the cause, or "
-                f"raise max_failure_rate (at 1.0 the sweep stops only after 2 x n_trials + 10 "
-                f"failures), and rerun the command to resume."
+                f"hydra.sweeper.max_failure_rate={self.settings.max_failure_rate} allows: the "
+                f"sweep stopped. See each failed run's failure_reason tag in MLflow; fix the "
+                f"cause, or raise max_failure_rate (at 1.0 the sweep stops only after 2 x "
+                f"n_trials + 10 failures), and rerun the command to resume."
             )
 
     def surplus(self, trial: optuna.Trial, before: list[FrozenTrial]) -> bool:
@@ -219,14 +224,14 @@ class TrialLoop:
         # the trials numbered below this one that were failed or imported stay so: if the rest
         # cannot reach n_trials, there is nothing to read
         dead = sum(1 for t in before if t.state == TrialState.FAIL or keys.is_imported(t))
-        if trial.number - dead < self.n_trials:
+        if trial.number - dead < self.settings.n_trials:
             return False
         ahead = [
             t
             for t in self.study.get_trials(deepcopy=False, states=LIVE)
             if t.number < trial.number and not keys.is_imported(t)
         ]
-        if len(ahead) < self.n_trials:
+        if len(ahead) < self.settings.n_trials:
             return False
         trial_id = optuna_internals.trial_id(trial)
         fail_trial(self.study, trial_id, "surplus", "not run: n_trials were already taken")
@@ -245,25 +250,26 @@ class TrialLoop:
             run_id, self.runs.experiment_id, self.study.study_name, trial_id, trial.number
         )
         env |= resume.prepare(self.study, self.runs.client, trial, run_id)
+        # what a job in this process reports goes through this reporter (see trial.launch)
         reporter = job_side.TrialReporter(self.study, trial_id, self.progress, trial)
-        job_side.IN_PROCESS[trial_id] = reporter
-        # MLflow deletes MLFLOW_RUN_ID once read, and Hydra's env_set then fails to delete it
-        # again; set here too, the variable is restored instead of deleted
-        os.environ[contract.MLFLOW_RUN_ID] = run_id
+        in_process = self.jobs.in_process
         ret = None
         try:
-            with liveness.Heartbeat(self.study, trial_id), trial_deadline(self.trial_timeout):
-                ret = self.jobs.run(trial.number, trial.params, env)
-            decided = reporter.decided() if self.in_process else self.decisions(trial_id)
+            with (
+                liveness.Heartbeat(self.study, trial_id),
+                trial_deadline(self.settings.trial_timeout),
+            ):
+                ret = self.jobs.run(trial.number, trial.params, env, reporter)
+            decided = reporter.decided() if in_process else self.decisions(trial_id)
             outcome = self.judge(trial, ret, decided)
         except TrialTimeout as err:  # raised between the job's end and launch returning
             outcome = Outcome(TrialState.FAIL, kind="timeout", reason=str(err))
         except (KeyboardInterrupt, SystemExit) as err:
-            why = "stopped by SIGTERM" if terminated.is_set() else "interrupted by Ctrl-C"
+            why = "stopped by SIGTERM" if self.terminated.is_set() else "interrupted by Ctrl-C"
             reason = f"{why} while training"
             with contextlib.suppress(StorageUnreachable):  # the rerun fails it then
                 fail_trial(self.study, trial_id, "interrupted", reason)
-            if self.in_process:
+            if in_process:
                 self.runs.release_job_runs("KILLED")
             self.runs.trial_ended(
                 run_id,
@@ -275,11 +281,9 @@ class TrialLoop:
         except Exception as err:  # the launcher itself failed; the failure budget decides
             outcome = Outcome(TrialState.FAIL, kind="error", reason=f"{type(err).__name__}: {err}")
         finally:
-            if self.in_process:
+            if in_process:
                 ok = ret is not None and ret.status == JobStatus.COMPLETED
                 self.runs.release_job_runs("FINISHED" if ok else "FAILED")
-            os.environ.pop(contract.MLFLOW_RUN_ID, None)
-            job_side.IN_PROCESS.pop(trial_id, None)
             if self.progress is not None:
                 self.progress.clear()
         crash_point("after-job")
@@ -348,7 +352,9 @@ class TrialLoop:
         # an interrupted trial keeps its checkpoint; a trial that never saved one costs nothing
         saved = keys.checkpoint_step(frozen) is not None or keys.continues(frozen) is not None
         if outcome.kind not in resume.CONTINUABLE and saved:
-            resume.tidy_checkpoints(self.runs.client, self.study, frozen, self.keep_checkpoints)
+            resume.tidy_checkpoints(
+                self.runs.client, self.study, frozen, self.settings.keep_checkpoints
+            )
         return frozen
 
     def print_result(self, trials: list[FrozenTrial], finished: int) -> None:
@@ -357,12 +363,12 @@ class TrialLoop:
             return
         frozen, seconds = self.last
         self.last = None
-        left = max(self.n_trials - finished, 0)
+        left = max(self.settings.n_trials - finished, 0)
         mean = sum(self.durations) / len(self.durations)
-        seconds_left = mean * left / self.n_jobs if left else None
+        seconds_left = mean * left / self.settings.n_jobs if left else None
         if self.progress is not None:
             self.progress.sweep_left = seconds_left
         line = console.progress_line(
-            frozen, finished, self.n_trials, self.objectives, seconds, seconds_left
+            frozen, finished, self.settings.n_trials, self.objectives, seconds, seconds_left
         )
         print(line, flush=True)

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mlflow_study_sweeper import contract, keys
-from mlflow_study_sweeper.tracking.relay.delivery import unreachable
-from mlflow_study_sweeper.tracking.relay.stores import TrackingOffline
+from mlflow_study_sweeper.tracking.offline import TrackingOffline, unreachable
 
 log = logging.getLogger(__name__)
 MAX_PARAMS, MAX_METRICS = 100, 1000  # MLflow's limits per log_batch
@@ -94,11 +93,22 @@ def is_running(client: MlflowClient, run_id: str) -> bool:
 class SweepRuns:
     """The parent run of a sweep and a child per trial, whose statuses follow the trials."""
 
-    def __init__(self, client: MlflowClient, experiment_id: str, study_name: str) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        experiment_id: str,
+        study_name: str,
+        real: Callable[[str | None], str | None] = lambda run_id: run_id,
+    ) -> None:
         self.client = client
         self.experiment_id = experiment_id
         self.study_name = study_name
         self.parent_run_id = ""
+        self.real = real  # a provisional run id -> the run's id on the server (the relay's)
+
+    def run_id(self, trial: Any) -> str | None:
+        """The trial's run, by its id on the server once it has one."""
+        return self.real(keys.run_id(trial))
 
     # -- the parent --
     def find_parent(self) -> str | None:
@@ -182,7 +192,7 @@ class SweepRuns:
         ending its run FINISHED and the sweeper recording the trial as something else, and one
         killed between creating its run and recording it on the trial (a stray run)."""
         trials = list(trials)
-        finished = [t for t in trials if t.state.is_finished() and keys.run_id(t)]
+        finished = [t for t in trials if t.state.is_finished() and self.run_id(t)]
         try:
             changed = self.close_strays(trials)
             if not finished:
@@ -191,7 +201,7 @@ class SweepRuns:
         except TrackingOffline:  # the tracking server is away: settled when it is back
             return 0
         for trial in finished:
-            run = runs.get(keys.run_id(trial))
+            run = runs.get(self.run_id(trial))
             status = keys.run_status(trial)
             state = trial.state.name
             if run is None or status is None:
@@ -209,7 +219,7 @@ class SweepRuns:
         """RUNNING trial runs of this study that no trial records, whose trial (by number) is
         finished: ended as that trial (FAIL: its worker died before it recorded the run)."""
         by_number = {t.number: t for t in trials if t.state.is_finished()}
-        recorded = {keys.run_id(t) for t in trials}
+        recorded = {self.run_id(t) for t in trials}
         query = (
             f"tags.`{keys.ROLE}` = '{keys.TRIAL_ROLE}' and "
             f"tags.`{keys.STUDY_NAME}` = '{self.study_name}' and attributes.status = 'RUNNING'"
@@ -229,7 +239,7 @@ class SweepRuns:
 
     def runs_of(self, trials: list[Any]) -> list[Any]:
         """The active runs of these trials, read in a few searches instead of one call each."""
-        ids = [keys.run_id(t) for t in trials]
+        ids = [self.run_id(t) for t in trials]
         found = []
         for start in range(0, len(ids), 100):
             chunk = ", ".join(f"'{i}'" for i in ids[start : start + 100])

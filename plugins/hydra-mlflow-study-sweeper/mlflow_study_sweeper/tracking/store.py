@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,9 +19,10 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlflow_study_sweeper import contract
 from mlflow_study_sweeper.databases import (
+    DatabaseUnreachable,
     create_whole,
+    probe,
     sqlite_path,
     tables,
     writable_place,
@@ -31,8 +33,9 @@ from mlflow_study_sweeper.errors import (
     mask_url,
 )
 from mlflow_study_sweeper.faults import crash_point
-from mlflow_study_sweeper.tracking.relay import stores
-from mlflow_study_sweeper.tracking.relay.delivery import unreachable
+from mlflow_study_sweeper.tracking.offline import TrackingOffline, unreachable
+from mlflow_study_sweeper.tracking.relay.delivery import Relay
+from mlflow_study_sweeper.tracking.relay.stores import install
 
 # tracking URIs MLflow opens with SQLAlchemy (postgresql+psycopg://... included)
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
@@ -157,90 +160,105 @@ def wait_for_server(tracking_uri: str, pause_s: float = 2.0) -> None:
             pause_s = min(pause_s * 2, 10.0)
 
 
-def until_reachable(
-    tracking_uri: str, step: Callable[[], T], quiet: bool = False, what: str = "start the sweep"
-) -> T:
-    """step(), again once the tracking server answers and has what was kept for it, when it
-    could not be reached (reads the relay cannot answer while it is away, the model registry:
-    a sweep or worker starting during an outage, an end during one)."""
-    said, answered = quiet, 0
-    while True:
-        try:
-            return step()
-        except Exception as err:
-            if not tracking_away(tracking_uri, err):
-                raise
-            # the server answers, and the step still finds something unreachable (a service of
-            # the app's own, say): not an outage of the server
-            answered = answered + 1 if check_answers(tracking_uri) else 0
-            if answered >= 3:
-                raise
-            if not said:
-                print(
-                    f"The MLflow server {mask_url(tracking_uri)} is unreachable; waiting for it "
-                    f"to {what}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                said = True
-            wait_for_server(tracking_uri)
-            if stores.ACTIVE is not None:
-                stores.ACTIVE.wait()
-
-
-def tracking_away(tracking_uri: str, err: BaseException) -> bool:
-    """Whether `err` says that the tracking server at `tracking_uri` could not be reached."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return False
-    return isinstance(err, stores.TrackingOffline) or unreachable(err)
-
-
-def check_answers(tracking_uri: str) -> bool:
-    """Whether the tracking server answers now, and nothing is kept for it."""
-    try:
-        check_server(tracking_uri)
-    except (TrackingUnavailableError, SweepConfigError):
-        return False
-    return stores.ACTIVE is None or not stores.ACTIVE.queued()
-
-
 def check_database(tracking_uri: str, timeout_s: float) -> None:
-    """One connection attempt: MLflow itself retries a missing database for about 2 minutes."""
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    connect_args = {"connect_timeout": int(timeout_s)} if "postgres" in tracking_uri else {}
+    """One connection attempt (databases.probe), refused as the tracking store's."""
     try:
-        engine = sqlalchemy.create_engine(
-            tracking_uri, poolclass=NullPool, connect_args=connect_args
-        )
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
-    except Exception as err:  # no server, no such database, a refused login, no driver
-        lines = str(err).strip().splitlines()
-        first = lines[0] if lines else type(err).__name__
+        probe(tracking_uri, timeout_s)
+    except DatabaseUnreachable as err:
         raise TrackingUnavailableError(
-            f"cannot open the MLflow tracking database {mask_url(tracking_uri)}: "
-            f"{mask_url(first)[:300]}. Check the URI, that the database exists (createdb ...) "
-            f"and that its server runs"
+            f"cannot open the MLflow tracking database {mask_url(tracking_uri)}: {err}. Check "
+            f"the URI, that the database exists (createdb ...) and that its server runs"
         ) from None
 
 
-def connect(tracking_uri: str) -> MlflowClient:
-    """A client for this store, creating a new sqlite store whole. A tracking server's writes
-    from this process go through the relay, which keeps them while the server is away."""
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where the sweep's runs go, checked: the store's URI (absolute) and the experiment."""
+
+    uri: str
+    experiment_name: str
+
+
+@dataclass
+class TrackingStore:
+    """The MLflow store this process tracks into: a client, and for a tracking server the relay
+    that keeps this process's writes while the server is away (None for a database or file).
+
+    Made by `connect` and handed to whoever needs the store; nothing reads it from a module.
+    """
+
+    uri: str
+    client: MlflowClient
+    relay: Relay | None = None
+
+    def away(self, err: BaseException) -> bool:
+        """Whether `err` says that the tracking server could not be reached."""
+        if not self.uri.startswith(("http://", "https://")):
+            return False
+        return isinstance(err, TrackingOffline) or unreachable(err)
+
+    def answers(self) -> bool:
+        """Whether the tracking server answers now, and nothing is kept for it."""
+        try:
+            check_server(self.uri)
+        except (TrackingUnavailableError, SweepConfigError):
+            return False
+        return self.relay is None or not self.relay.queued()
+
+    def until_reachable(
+        self, step: Callable[[], T], quiet: bool = False, what: str = "start the sweep"
+    ) -> T:
+        """step(), again once the tracking server answers and has what was kept for it, when
+        it could not be reached (reads the relay cannot answer while it is away, the model
+        registry: a sweep or worker starting during an outage, an end during one)."""
+        said, answered = quiet, 0
+        while True:
+            try:
+                return step()
+            except Exception as err:
+                if not self.away(err):
+                    raise
+                # the server answers, and the step still finds something unreachable (a service
+                # of the app's own, say): not an outage of the server
+                answered = answered + 1 if self.answers() else 0
+                if answered >= 3:
+                    raise
+                if not said:
+                    print(
+                        f"The MLflow server {mask_url(self.uri)} is unreachable; waiting for it "
+                        f"to {what}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    said = True
+                wait_for_server(self.uri)
+                if self.relay is not None:
+                    self.relay.wait()
+
+    def real_id(self, run_id: str | None) -> str | None:
+        """A run's id on the server: a provisional one (given while the server was away) is
+        replaced once its run was delivered."""
+        return self.relay.real(run_id) if self.relay is not None else run_id
+
+    def experiment_id(self, name: str) -> str:
+        """The experiment's id, created when it does not exist yet."""
+        return experiment_id(self.client, name)
+
+
+def connect(tracking_uri: str, worker: bool = False) -> TrackingStore:
+    """This process's handle on the store, creating a new sqlite store whole. A tracking
+    server's writes from this process go through the relay, which keeps them while the server
+    is away; a worker (`worker`) started during an outage waits it out instead of failing."""
     if tracking_uri.startswith("sqlite:///"):
         create_sqlite_store(tracking_uri)
-    if contract.is_worker():
-        wait_for_server(tracking_uri)  # a worker started during an outage waits it out
+    if worker:
+        wait_for_server(tracking_uri)
     else:
         check_server(tracking_uri)
+    relay = None
     if tracking_uri.startswith(("http://", "https://")):
-        stores.install(tracking_uri, quiet=contract.is_worker())
-    return MlflowClient(tracking_uri=tracking_uri)
+        relay = install(tracking_uri, quiet=worker)
+    return TrackingStore(tracking_uri, MlflowClient(tracking_uri=tracking_uri), relay)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

@@ -7,11 +7,13 @@ through the storage named in its environment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -151,15 +153,27 @@ def reporter_from_environment(trial: contract.TrialInfo) -> TrialReporter:
     return TrialReporter(study, trial.trial_id)
 
 
-# the reporters of this process's trials: set by the loop for a job it runs in this process,
-# made from the environment for a job started elsewhere
-IN_PROCESS: dict[int, TrialReporter] = {}
+# The reporter of each trial whose job runs in this process, served by the in-process launcher
+# for the length of the job (trial.launch.InProcessJobs): a job calls `report()` with no handle on
+# the sweep, so this is where it finds its trial's reporter. A job started in another process
+# makes its own from the environment, kept for its next reports.
+_SERVED: dict[int, TrialReporter] = {}
+
+
+@contextlib.contextmanager
+def serving(reporter: TrialReporter) -> Iterator[None]:
+    """`reporter` answers the reports of its trial's job while it runs in this process."""
+    _SERVED[reporter.trial_id] = reporter
+    try:
+        yield
+    finally:
+        _SERVED.pop(reporter.trial_id, None)
 
 
 def reporter(trial: contract.TrialInfo) -> TrialReporter:
-    found = IN_PROCESS.get(trial.trial_id)
+    found = _SERVED.get(trial.trial_id)
     if found is None:
-        found = IN_PROCESS.setdefault(trial.trial_id, reporter_from_environment(trial))
+        found = _SERVED.setdefault(trial.trial_id, reporter_from_environment(trial))
     return found
 
 

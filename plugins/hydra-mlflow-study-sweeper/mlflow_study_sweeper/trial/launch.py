@@ -38,13 +38,21 @@ from hydra.core.utils import (
 )
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from mlflow_study_sweeper import contract
 from mlflow_study_sweeper.search.grammar import as_override
+from mlflow_study_sweeper.trial import job_side
+from mlflow_study_sweeper.trial.job_side import TrialReporter
 
 IN_PROCESS_LAUNCHERS = ("BasicLauncher",)
 
 
 class Jobs(Protocol):
-    def run(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn: ...
+    # the job runs in this process: what it reports goes through the reporter it is given
+    in_process: bool
+
+    def run(
+        self, number: int, values: dict[str, Any], env: dict[str, str], reporter: TrialReporter
+    ) -> JobReturn: ...
 
 
 def job_error(ret: JobReturn) -> BaseException | None:
@@ -61,20 +69,28 @@ def env_overrides(env: dict[str, str]) -> list[str]:
 
 
 class LauncherJobs:
-    """Each trial through the app's launcher, which composes its config."""
+    """Each trial through the app's launcher, which composes its config; its job reports from
+    its own process, through the storage (trial.job_side.reporter_from_environment)."""
+
+    in_process = False
 
     def __init__(self, launcher: Any, fixed: list[str]) -> None:
         self.launcher = launcher
         self.fixed = fixed
 
-    def run(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn:
+    def run(
+        self, number: int, values: dict[str, Any], env: dict[str, str], reporter: TrialReporter
+    ) -> JobReturn:
         overrides = task_overrides(self.fixed, values) + env_overrides(env)
         (ret,) = self.launcher.launch([overrides], initial_job_idx=number)
         return ret
 
 
 class InProcessJobs:
-    """Each trial in this process, as Hydra's basic launcher runs it, on one config."""
+    """Each trial in this process, as Hydra's basic launcher runs it, on one config; what the
+    job reports goes through the reporter of its trial, which this launcher serves to it."""
+
+    in_process = True
 
     def __init__(
         self,
@@ -105,7 +121,13 @@ class InProcessJobs:
         self.through_hydra = bool(hydra_context.callbacks.callbacks) or old_chdir
         setup_globals()
 
-    def run(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn:
+    def run(
+        self, number: int, values: dict[str, Any], env: dict[str, str], reporter: TrialReporter
+    ) -> JobReturn:
+        with contract.trial_run(env[contract.MLFLOW_RUN_ID]), job_side.serving(reporter):
+            return self.run_here(number, values, env)
+
+    def run_here(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn:
         if self.through_hydra or set(self.cfg.hydra.runtime.choices) & set(values):
             cfg = self.compose_with_hydra(number, values, env)
             ret = run_job(

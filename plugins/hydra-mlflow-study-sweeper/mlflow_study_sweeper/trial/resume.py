@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mlflow_study_sweeper import contract, keys
 from mlflow_study_sweeper.storage import optuna_internals
 from mlflow_study_sweeper.tracking import lifecycle
-from mlflow_study_sweeper.tracking.relay.stores import TrackingOffline
+from mlflow_study_sweeper.tracking.offline import TrackingOffline
 
 log = logging.getLogger(__name__)
 

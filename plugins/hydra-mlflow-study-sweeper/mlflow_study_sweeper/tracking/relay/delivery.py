@@ -18,10 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from mlflow.exceptions import MlflowException
-
-from mlflow_study_sweeper import keys
-from mlflow_study_sweeper.errors import duration, mask_url
+from mlflow_study_sweeper.errors import duration, first_line, mask_url
+from mlflow_study_sweeper.tracking.offline import unreachable
 from mlflow_study_sweeper.tracking.relay.journal import PROVISIONAL, Journal, Shadow, is_provisional
 
 log = logging.getLogger(__name__)
@@ -36,46 +34,6 @@ class Sender(Protocol):
     def send(self, entry: dict[str, Any], replay: bool = False) -> Any: ...
 
     def answers(self) -> bool: ...
-
-
-def unreachable(err: BaseException) -> bool:
-    """Whether `err` (or an error it came from) says the server could not be reached: no
-    connection, a connection dropped, a timeout, a server that kept answering 5xx (busy,
-    restarting, its database away)."""
-    import requests
-    import urllib3
-
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(
-            seen,
-            (
-                requests.exceptions.ConnectionError,
-                requests.exceptions.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.RetryError,
-                urllib3.exceptions.MaxRetryError,
-                urllib3.exceptions.ProtocolError,
-                ConnectionError,
-                TimeoutError,
-            ),
-        ):
-            return True
-        if isinstance(seen, MlflowException) and seen.get_http_status_code() in (502, 503, 504):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def first_line(err: BaseException) -> str:
-    """The innermost reason, in a few words ("Connection refused")."""
-    text = str(err)
-    for reason in ("Connection refused", "Read timed out", "Connection reset", "Name or service"):
-        if reason in text:
-            return reason
-    if "error responses" in text:
-        return "it answers with server errors"
-    return mask_url(text.strip().splitlines()[0] if text.strip() else type(err).__name__)[:200]
 
 
 # ---- the relay ---------------------------------------------------------------------------------
@@ -112,14 +70,12 @@ class Relay:
                 with contextlib.suppress(json.JSONDecodeError, ValueError):
                     old, new = json.loads(line)
                     self.mapped[old] = new
-                    keys.RUN_ID_ALIASES[old] = new
 
     def map(self, old: str, new: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "runs.jsonl", "a", encoding="utf-8") as file:
             file.write(json.dumps([old, new]) + "\n")
         self.mapped[old] = new
-        keys.RUN_ID_ALIASES[old] = new
         self.shadow.renamed(old, new)
         for callback in self.on_mapped:
             try:

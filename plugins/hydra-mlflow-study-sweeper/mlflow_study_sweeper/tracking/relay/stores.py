@@ -43,14 +43,14 @@ from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepositor
 from mlflow.store.entities.paged_list import PagedList
 from mlflow.store.tracking.rest_store import RestStore
 
-from mlflow_study_sweeper import keys
+from mlflow_study_sweeper import contract, keys
+from mlflow_study_sweeper.errors import first_line
 from mlflow_study_sweeper.tracking import mlflow_internals
+from mlflow_study_sweeper.tracking.offline import TrackingOffline, unreachable
 from mlflow_study_sweeper.tracking.relay.delivery import (
     Relay,
-    first_line,
     kept_file,
     kept_listing,
-    unreachable,
 )
 from mlflow_study_sweeper.tracking.relay.journal import (
     OFFLINE_ROOT,
@@ -58,18 +58,6 @@ from mlflow_study_sweeper.tracking.relay.journal import (
     journal_folder,
     new_key,
 )
-
-# MLflow retries a refused request for about 4 minutes by default; the relay needs to know within
-# seconds that the server is away (the job then trains on instead of waiting)
-HTTP_RETRIES = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
-}
-
-
-class TrackingOffline(MlflowException):
-    """A read only the server can answer, while it is unreachable."""
 
 
 # ---- MLflow's store and artifact repository for the server, through the relay ---------------
@@ -287,7 +275,7 @@ class RelayArtifacts(MlflowArtifactsRepository):
         self.relay_or_send("delete", artifact_path, [], super().delete_artifacts)
 
     def relay_or_send(self, action, path, files, send, *args, base=None) -> None:
-        relay = ACTIVE
+        relay = _HOOK.relay
         if relay is None:
             return send(*args, path)
         provisional = self.root.startswith(OFFLINE_ROOT)
@@ -332,10 +320,10 @@ class RelayArtifacts(MlflowArtifactsRepository):
         return self.root[len(OFFLINE_ROOT) + 1 :].split("/", 1)[0]
 
     def mapped_repository(self):
-        return real_repository(ACTIVE, self.root)
+        return real_repository(_HOOK.relay, self.root)
 
     def list_artifacts(self, path=None):
-        relay = ACTIVE
+        relay = _HOOK.relay
         if relay is None:
             return super().list_artifacts(path)
         provisional = self.root.startswith(OFFLINE_ROOT)
@@ -352,7 +340,7 @@ class RelayArtifacts(MlflowArtifactsRepository):
             return kept_listing(relay, self.root, path)
 
     def _download_file(self, remote_file_path, local_path):
-        relay = ACTIVE
+        relay = _HOOK.relay
         if relay is not None:
             kept = kept_file(relay, self.root, remote_file_path)
             if kept is not None:
@@ -366,7 +354,7 @@ class RelayArtifacts(MlflowArtifactsRepository):
 def make_relay_artifacts(artifact_uri, tracking_uri=None, registry_uri=None):
     uri = artifact_uri
     if uri.startswith(OFFLINE_ROOT):  # resolved to a URL like any, never requested before mapped
-        repo = RelayArtifacts(uri, tracking_uri=tracking_uri or (ACTIVE and ACTIVE.uri))
+        repo = RelayArtifacts(uri, tracking_uri=tracking_uri or (_HOOK.relay and _HOOK.relay.uri))
     else:
         repo = RelayArtifacts(uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
     repo._relay_root = uri
@@ -401,19 +389,23 @@ def send_artifacts(relay: Relay, entry: dict[str, Any]) -> None:
 
 
 # ---- installing the relay in this process ----------------------------------------------------
-ACTIVE: Relay | None = None
+# MLflow builds stores and artifact repositories through its registry, by URI, from anywhere in
+# the process: the relay installed there is the one process-wide hook, owned by this module alone
+class _Hook:
+    relay: Relay | None = None
+
+
+_HOOK = _Hook()
 _INSTALL_LOCK = threading.Lock()
 _PLAIN: dict[str, Callable[..., Any]] = {}  # MLflow's own builders, before the relay's
 
 
 def install(uri: str, quiet: bool = False) -> Relay:
     """This process's MLflow store for `uri` relays its writes (see the module's docstring)."""
-    global ACTIVE
     with _INSTALL_LOCK:
-        if ACTIVE is not None and ACTIVE.uri == uri:
-            return ACTIVE
-        for name, value in HTTP_RETRIES.items():
-            os.environ.setdefault(name, value)
+        if _HOOK.relay is not None and _HOOK.relay.uri == uri:
+            return _HOOK.relay
+        contract.shorten_mlflow_retries()
         # urllib3 says "Retrying (Retry(total=...))" for each retry: the relay says it once
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         relay = Relay(uri, journal_folder(uri), quiet=quiet)
@@ -434,19 +426,18 @@ def install(uri: str, quiet: bool = False) -> Relay:
         mlflow_internals.set_artifact_repository_builder("mlflow-artifacts", make_relay_artifacts)
         build(store_uri=uri)
         atexit.register(relay.farewell)
-        ACTIVE = relay
+        _HOOK.relay = relay
         return relay
 
 
 def uninstall() -> None:
     """MLflow's own stores again (a test, or a process that tracks elsewhere next)."""
-    global ACTIVE
     with _INSTALL_LOCK:
         for scheme, builder in _PLAIN.items():
             if scheme == "mlflow-artifacts":
                 mlflow_internals.set_artifact_repository_builder(scheme, builder)
             else:
                 mlflow_internals.set_tracking_store_builder(scheme, builder)
-        if ACTIVE is not None:
-            ACTIVE.journal.close()
-        ACTIVE = None
+        if _HOOK.relay is not None:
+            _HOOK.relay.journal.close()
+        _HOOK.relay = None
