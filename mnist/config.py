@@ -8,7 +8,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mnist.errors import UserFacingError
+from mnist.errors import ConfigValueError
 
 
 @dataclass
@@ -78,10 +78,6 @@ def direction_of(metric: Any) -> Any:
 
 def metrics_of(cfg: DictConfig | AppConfig) -> list[str]:
     return [cfg.metric] if isinstance(cfg.metric, str) else list(cfg.metric)
-
-
-class ConfigValueError(UserFacingError, ValueError):
-    """A config value that is well typed but cannot train."""
 
 
 def check_config(cfg: DictConfig | AppConfig) -> None:

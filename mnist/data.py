@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets import MNIST
 
-from mnist.config import ConfigValueError
-from mnist.errors import UserFacingError
+from mnist.errors import ConfigValueError, UserFacingError
 
 # the four uncompressed IDX files torchvision reads from ROOT/MNIST/raw/
 RAW_FILES = (
