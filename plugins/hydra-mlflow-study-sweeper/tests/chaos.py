@@ -6,8 +6,10 @@ the tracking server is stopped and started, and PostgreSQL is crashed and restar
 tests/test_chaos.py runs a short form. The soak, from the sweeper's folder:
 
     python tests/chaos.py --trials 500 --minutes 20 --seed 1
+    python tests/chaos.py --trials 150 --minutes 6 --seeds 1-5     # five seeds, one after another
 
-prints what it did and what the stores hold, and exits 1 if the invariant does not hold.
+prints what it did and what the stores hold, per seed, and exits 1 if the invariant does not
+hold for any of them (the others still run).
 """
 
 from __future__ import annotations
@@ -207,32 +209,50 @@ def _count_lines(folder: Path, name: str) -> int:
     return sum(len(p.read_text().splitlines()) for p in folder.rglob(name))
 
 
+def seeds_of(text: str) -> list[int]:
+    """--seeds 1-5, 3,7,9 or 77."""
+    out: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        out += list(range(int(first), int(last) + 1)) if dash else [int(first)]
+    return out
+
+
+def soak(trials: int, minutes: float, seed: int, jobs: int) -> bool:
+    """One seed's chaos; True when the invariant holds."""
+    folder = Path(tempfile.mkdtemp(prefix=f"sweep-chaos-{seed}-"))
+    # epochs long enough for the trials to fill the minutes (each trial costs ~1.5 s besides)
+    per_trial = minutes * 60 * jobs / trials
+    epoch_seconds = max(0.3, (per_trial - 1.5) / 3)
+    print(f"chaos in {folder} (seed {seed}, epochs of {epoch_seconds:.1f} s)", flush=True)
+    started = time.monotonic()
+    try:
+        found = run_chaos(
+            folder, trials, minutes * 60, seed, n_jobs=jobs, epoch_seconds=epoch_seconds
+        )
+    except AssertionError as err:
+        print(f"seed {seed}: the invariant does not hold: {err}", flush=True)
+        return False
+    for key, value in found.items():
+        print(f"{key}: {value}")
+    print(f"seed {seed}: the invariant holds ({time.monotonic() - started:.0f} s)", flush=True)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=500)
     parser.add_argument("--minutes", type=float, default=20)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", help="several seeds, one after another: 1-5, or 3,7,9")
     parser.add_argument("--jobs", type=int, default=4)
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="sweep-chaos-"))
-    # epochs long enough for the trials to fill the minutes (each trial costs ~1.5 s besides)
-    per_trial = args.minutes * 60 * args.jobs / args.trials
-    epoch_seconds = max(0.3, (per_trial - 1.5) / 3)
-    print(f"chaos in {folder} (seed {args.seed}, epochs of {epoch_seconds:.1f} s)", flush=True)
-    try:
-        found = run_chaos(
-            folder,
-            args.trials,
-            args.minutes * 60,
-            args.seed,
-            n_jobs=args.jobs,
-            epoch_seconds=epoch_seconds,
-        )
-    except AssertionError as err:
-        print(f"the invariant does not hold: {err}", flush=True)
+    seeds = seeds_of(args.seeds) if args.seeds else [args.seed]
+    held = {seed: soak(args.trials, args.minutes, seed, args.jobs) for seed in seeds}
+    if len(seeds) > 1:
+        print("seeds: " + ", ".join(f"{s} {'held' if ok else 'FAILED'}" for s, ok in held.items()))
+    if not all(held.values()):
         sys.exit(1)
-    for key, value in found.items():
-        print(f"{key}: {value}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ KILL_POINTS = [
     "end-aliased",
     "end-reported",
     "end-parent-closed",
+    "end-claimed",
+    "before-exit",
 ]
 # the default run covers one point per phase; .ci/run covers them all
 QUICK = {"run-created", "after-job", "end-registered"}

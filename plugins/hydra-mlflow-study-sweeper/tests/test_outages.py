@@ -389,30 +389,104 @@ def test_a_worker_started_during_a_tracking_outage_waits_for_it_then_trains(
         toy.close()
 
 
-@pytest.mark.slow
-def test_a_tracking_server_that_goes_away_during_the_end_is_waited_for(
-    tmp_path, stoppable_mlflow_server
-):
-    """Chaos found it: an outage that began after the kept writes were delivered, during the
-    end, crashed it with a traceback (a search the relay cannot answer); the rerun finished it."""
-    server = stoppable_mlflow_server
-    toy = tracked_by(toy_app(tmp_path / "sweep"), server, tmp_path / "journal")
-    pause = tmp_path / "paused"
-    env = {**toy.journal_env, "SWEEP_PAUSE_AT": "end-tagged", "SWEEP_PAUSE_FILE": str(pause)}
+# after each of the end's writes to the tracking server, in order, and just before the process
+# exits (the last three come after the last write: nothing is left to keep)
+END_POINTS = [
+    "end-tagged",
+    "end-published",
+    "end-registered",
+    "end-aliased",
+    "end-reported",
+    "end-parent-closed",
+    "end-claimed",
+    "before-exit",
+]
+WRITES_AFTER = END_POINTS[: END_POINTS.index("end-parent-closed")]
+
+
+def paused_at(toy: ToyApp, point: str, pause) -> Output:
+    """A 2-trial sweep, paused at `point` of its end (the test then stops the server)."""
+    env = {**toy.journal_env, "SWEEP_PAUSE_AT": point, "SWEEP_PAUSE_FILE": str(pause)}
     out = Output(toy.popen("hydra.sweeper.n_trials=2", "epochs=2", env=env))
     deadline = time.monotonic() + 120
     while not pause.exists() and time.monotonic() < deadline:
+        assert out.proc.poll() is None, out.text()
         time.sleep(0.2)
     assert pause.exists(), out.text()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", END_POINTS)
+def test_a_tracking_server_that_goes_away_during_the_end_is_waited_for(
+    tmp_path, stoppable_mlflow_server, point
+):
+    """The server stops after each of the end's writes: the command does not exit 0 until the
+    server holds the invariant. Chaos found two holes here: an outage during the end crashed it
+    with a traceback (a search the relay cannot answer), and one after the end's last steps
+    were made let the command exit 0 with the parent's final writes kept (the parent RUNNING)."""
+    server = stoppable_mlflow_server
+    toy = tracked_by(toy_app(tmp_path / "sweep"), server, tmp_path / "journal")
+    pause = tmp_path / "paused"
+    out = paused_at(toy, point, pause)
     server.stop()
-    pause.unlink()  # the end goes on: publishing, registering, reporting find the server away
-    time.sleep(10)
+    pause.unlink()  # the end goes on, and finds the server away
+    deadline = time.monotonic() + 8
+    while out.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    exited_while_away = out.proc.poll()
     server.start()
     text = out.finish()
     assert out.proc.returncode == 0, text
     assert "Traceback" not in text, text
-    assert out.count("waiting for it to end the sweep") == 1, text
+    if point in WRITES_AFTER:  # writes were left to make: it waited for the server
+        assert exited_while_away is None, text
+        waited = out.count("waiting for it to end the sweep") + out.count(
+            "Waiting for the MLflow server"
+        )
+        assert waited == 1, text
     try:
         nothing_lost(toy, n_trials=2, epochs=2)  # the end done once: one version, one best
+        assert [p for p in (tmp_path / "journal").rglob("*.jsonl") if p.name != "runs.jsonl"] == []
+    finally:
+        toy.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["Ctrl-C", "time budget"])
+def test_a_sweep_that_gives_up_on_its_last_writes_says_where_they_are_and_a_rerun_sends_them(
+    tmp_path, stoppable_mlflow_server, how
+):
+    """The end's last writes are kept (the server went away before them) and the wait for them
+    stops: one Error line, exit 1, the writes on disk; the rerun delivers them and the sweep is
+    whole."""
+    server = stoppable_mlflow_server
+    toy = tracked_by(toy_app(tmp_path / "sweep"), server, tmp_path / "journal")
+    if how == "time budget":
+        toy.defaults += ["hydra.sweeper.timeout=40s"]
+    pause = tmp_path / "paused"
+    out = paused_at(toy, "end-reported", pause)
+    server.stop()
+    pause.unlink()
+    out.wait_for("Waiting for the MLflow server", timeout=120)
+    if how == "Ctrl-C":
+        out.proc.send_signal(signal.SIGINT)
+    text = out.finish(timeout=120)
+    assert out.proc.returncode == 1, text
+    assert "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, text
+    assert "the sweep ended, and its last" in errors[0] and "are still kept in" in errors[0]
+    assert "any sweep command on this machine" in errors[0]
+    assert "the next sweep to it from this machine sends them" not in text  # said once
+    kept = [p for p in (tmp_path / "journal").rglob("*.jsonl") if p.name != "runs.jsonl"]
+    assert kept and all(p.stat().st_size for p in kept)
+    server.start()
+    rerun = toy.spawn("hydra.sweeper.n_trials=2", "epochs=2", env=toy.journal_env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "writes that an earlier process" in rerun.stderr  # sent first
+    try:
+        nothing_lost(toy, n_trials=2, epochs=2)
+        assert [p for p in (tmp_path / "journal").rglob("*.jsonl") if p.name != "runs.jsonl"] == []
     finally:
         toy.close()

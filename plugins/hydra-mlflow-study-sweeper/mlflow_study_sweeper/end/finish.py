@@ -81,6 +81,7 @@ class SweepEnd:
             runs.close_parent(status, {keys.SWEEP_STATE: f"{status.lower()} at the end"})
             raise
         claim.finish()
+        crash_point("end-claimed")  # the end is recorded in the study: nothing is redone
         return result
 
     def finished_elsewhere(
@@ -194,6 +195,8 @@ class SweepEnd:
             lifecycle.log_batch(
                 client, runs.parent_run_id, metrics=lifecycle.as_metrics({metric: value})
             )
+        # found while the server was away, "no model" would be the relay's answer, not the truth
+        self.tracking.require_server("finding the best run's model")
         uri = registry.logged_model_uri(client, best_run_id, reg.model)
         if uri is None:
             note = f"the best run {best_run_id} holds no MLflow model named {reg.model!r}"

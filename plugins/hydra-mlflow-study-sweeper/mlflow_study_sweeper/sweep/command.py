@@ -57,7 +57,9 @@ def run_sweep(
     contract.quiet_libraries()
     sweep = SweepRun(settings, hydra_context, task_function, config)
     try:
-        return sweep.run(arguments)
+        result = sweep.run(arguments)
+        crash_point("before-exit")  # every write of this command is on the server by now
+        return result
     except SweepError as err:
         # every run is closed by now; the message says what to change
         print(f"Error: {err}", file=sys.stderr)
@@ -123,11 +125,13 @@ class SweepRun:
         n_trials = plan.loop.n_trials
         done = console.finished(study.get_trials(deepcopy=False)) >= n_trials
         if done and not self.is_worker:
-            return end.finish(study, runs, resumed_complete=True)
+            result = end.finish(study, runs, resumed_complete=True)
+            self.deliver_kept(tracking, plan, started, ended=True)
+            return result
         self.print_plan(plan, study)
         ending = self.train(loop, runs, plan)
         # what was kept while the tracking server was away reaches it before anything ends
-        self.deliver_kept(tracking, plan, started)
+        self.deliver_kept(tracking, plan, started, ended=self.is_worker)
         if self.is_worker:
             return []
         if plan.loop.timeout_s:
@@ -143,7 +147,9 @@ class SweepRun:
                 f"command to end it."
             )
             return []
-        return end.finish(study, runs)
+        result = end.finish(study, runs)
+        self.deliver_kept(tracking, plan, started, ended=True)
+        return result
 
     def open_stores(self, plan: Plan) -> tuple[optuna.Study, SweepRuns, bool, TrackingStore]:
         """The study (created, or resumed if its space still fits), the MLflow store, and what
@@ -189,9 +195,15 @@ class SweepRun:
         runs = SweepRuns(tracking.client, experiment, study.study_name, real=tracking.real_id)
         return study, runs, created, tracking
 
-    def deliver_kept(self, tracking: TrackingStore, plan: Plan, started: float) -> None:
-        """Wait for the tracking server to take what this process (and workers that died)
-        kept while it was away: within the time budget when there is one."""
+    def deliver_kept(
+        self, tracking: TrackingStore, plan: Plan, started: float, ended: bool = False
+    ) -> None:
+        """Wait until the tracking server has taken every write this process (and workers of
+        this machine that died) kept while it was away: before the end, so that the end reads
+        what the trials wrote (`ended=False`), and after it, so that no command exits 0 with
+        writes of its own still kept (`ended=True`; a worker before it exits, too). Bounded by
+        the time budget when there is one; Ctrl-C or SIGTERM stops the wait. A wait that runs
+        out is one Error line (exit 1): the writes stay on disk for the next command."""
         relay = tracking.relay
         if relay is None:
             return
@@ -203,13 +215,34 @@ class SweepRun:
                 f"{len(relay.pending)} writes kept while it was away ({until})",
                 flush=True,
             )
-        if not relay.wait(deadline) or (relay.deliver_orphans() and not relay.wait(deadline)):
-            raise SweepStopped(
-                f"the MLflow server {mask_url(relay.uri)} did not come back within "
-                f"hydra.sweeper.timeout; the {len(relay.pending)} writes kept for it are in "
-                f"{relay.folder}, and the next sweep to this server from this machine sends them "
-                f"first: rerun the same command when it is back to end the sweep"
+        try:
+            delivered = relay.wait(deadline) and (
+                not relay.deliver_orphans() or relay.wait(deadline)
             )
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see sigterm_as_interrupt)
+            delivered = False
+        if delivered:
+            return
+        relay.explained = True
+        kept = f"{len(relay.pending)} writes for the MLflow server {mask_url(relay.uri)}"
+        if ended:
+            who = (
+                "this worker's trials are done, and its"
+                if self.is_worker
+                else ("the sweep ended, and its last")
+            )
+            raise SweepStopped(
+                f"{who} {kept} are still kept in {relay.folder} (the "
+                f"server did not come back{' within hydra.sweeper.timeout' if deadline else ''}): "
+                f"rerun the same command, or any sweep command on this machine that tracks into "
+                f"that server, once it answers, and they are sent first"
+            )
+        raise SweepStopped(
+            f"the MLflow server {mask_url(relay.uri)} did not come back"
+            f"{' within hydra.sweeper.timeout' if deadline else ''}; the {kept} are kept in "
+            f"{relay.folder}, and the next sweep to this server from this machine sends them "
+            f"first: rerun the same command when it is back to end the sweep"
+        )
 
     def trial_loop(self, study: optuna.Study, runs: SweepRuns, plan: Plan) -> TrialLoop:
         jobs = jobs_for(

@@ -235,6 +235,13 @@ class TrackingStore:
                 if self.relay is not None:
                     self.relay.wait()
 
+    def require_server(self, what: str) -> None:
+        """Before a read whose empty answer would be taken for the truth (the best run's logged
+        models, say): while the relay keeps writes, the server is away and the relay answers
+        such reads with nothing, so this raises TrackingOffline (until_reachable waits)."""
+        if self.relay is not None and self.relay.queued():
+            raise TrackingOffline(f"{what} needs the MLflow server, which is away")
+
     def real_id(self, run_id: str | None) -> str | None:
         """A run's id on the server: a provisional one (given while the server was away) is
         replaced once its run was delivered."""

@@ -59,6 +59,7 @@ class Relay:
         self.thread: threading.Thread | None = None
         self.shadow = Shadow()
         self.on_mapped: list[Callable[[str, str], None]] = []
+        self.explained = False  # the command said where its kept writes wait (see farewell)
         self.store: Sender | None = None
         self.mapped: dict[str, str] = {}
         self.load_mapped()
@@ -264,8 +265,9 @@ class Relay:
         return total
 
     def farewell(self) -> None:
-        """At exit: where the writes not yet delivered wait (the next sweep sends them)."""
-        if self.pending:
+        """At exit: where the writes not yet delivered wait (the next sweep sends them), unless
+        the sweep's own Error line said so (`explained`)."""
+        if self.pending and not self.explained:
             self.say(
                 f"{len(self.pending)} writes for the MLflow server {mask_url(self.uri)} are kept "
                 f"in {self.folder}: the next sweep to it from this machine sends them first"
