@@ -93,8 +93,9 @@ class EpochProgress:
 
 
 def counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    """Trials by state; an enqueued (WAITING) trial counts as running, an imported one apart."""
-    out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "imported": 0}
+    """Trials by state; an enqueued (WAITING) trial counts as running, an imported one apart;
+    `retried`: the failed ones that were tried again (counted among `failed` too)."""
+    out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "imported": 0, "retried": 0}
     names = {
         TrialState.COMPLETE: "complete",
         TrialState.PRUNED: "pruned",
@@ -104,12 +105,21 @@ def counts(trials: list[FrozenTrial]) -> dict[str, int]:
     }
     for trial in trials:
         out["imported" if keys.is_imported(trial) else names[trial.state]] += 1
+        if trial.state == TrialState.FAIL and keys.failure(trial) == keys.TRANSIENT:
+            out["retried"] += 1
     return out
 
 
 def finished(trials: list[FrozenTrial]) -> int:
     done = counts(trials)
     return done["complete"] + done["pruned"]
+
+
+def state_of(trial: FrozenTrial) -> str:
+    """FAIL, or FAIL (retried) for a failure that was tried again."""
+    if trial.state == TrialState.FAIL and keys.failure(trial) == keys.TRANSIENT:
+        return "FAIL (retried)"
+    return trial.state.name
 
 
 def table(study: optuna.Study, objectives: Objectives) -> str:
@@ -141,7 +151,7 @@ def table(study: optuna.Study, objectives: Objectives) -> str:
                 str(t.number),
                 *[short(t.params[k]) if k in t.params else "-" for k in param_keys],
                 *[number(v) if v is not None else "-" for v in values],
-                "IMPORTED" if keys.is_imported(t) else t.state.name,
+                "IMPORTED" if keys.is_imported(t) else state_of(t),
                 f"{seconds:.1f}" if seconds is not None else "-",
                 mark,
             ]

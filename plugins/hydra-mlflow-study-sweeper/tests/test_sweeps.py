@@ -80,6 +80,7 @@ def test_a_sweep_makes_a_parent_run_a_child_per_trial_and_resumes(tmp_path):
         "failed": 0,
         "running": 0,
         "imported": 0,
+        "retried": 0,
     }
     # the end table: a row per trial and the winner marked
     assert "#  x" in proc.stdout and "value" in proc.stdout

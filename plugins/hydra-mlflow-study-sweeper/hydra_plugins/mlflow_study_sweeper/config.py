@@ -47,6 +47,17 @@ class ResourcesConf:
 
 
 @dataclass
+class RetryConf:
+    # attempts after the first for a trial that failed of something listed in `on`, each a new
+    # trial with the same parameters (continuing from its checkpoint when it saved one); 0: none
+    max: int = 0
+    # what is transient: exception types (torch.OutOfMemoryError, ConnectionError; a subclass
+    # matches) or message patterns (regular expressions: "CUDA out of memory"), matched against
+    # the job's error and every error it was raised from
+    on: list[Any] = field(default_factory=list)
+
+
+@dataclass
 class RayConf:
     # a running Ray cluster to join: auto, ray://head:10001, head:6379; null: RAY_ADDRESS if
     # set, else a Ray instance started on this machine for this sweep and stopped at its end
@@ -97,6 +108,8 @@ class MlflowStudySweeperConf:
     # the sweep stops once the trials that failed since this command started exceed this share
     # of max(n_trials, trials run); 0 stops at the first failure, 1 only after 2 x n_trials + 10
     max_failure_rate: float = 0.25
+    # a trial that fails of something transient is tried again (see RetryConf); default: never
+    retry: RetryConf = field(default_factory=RetryConf)
     # seconds a trial may run before it is failed with reason `timeout`; null: no limit
     trial_timeout: Any = None
     # a wall-clock budget for this command, e.g. 45m, 2h, 90s: no trial starts that cannot end

@@ -13,6 +13,7 @@ from hydra_plugins.mlflow_study_sweeper.config import (
     RayConf,
     RegistryConf,
     ResourcesConf,
+    RetryConf,
 )
 
 
@@ -23,7 +24,12 @@ class MlflowStudySweeper(Sweeper):
             for k, v in settings.items()
         }
         # the nested settings as their dataclasses (champion stays a mapping: _objectives reads it)
-        nested = {"registry": RegistryConf, "resources": ResourcesConf, "ray": RayConf}
+        nested = {
+            "registry": RegistryConf,
+            "resources": ResourcesConf,
+            "ray": RayConf,
+            "retry": RetryConf,
+        }
         for key, kind in nested.items():
             plain[key] = kind(**(plain.get(key) or {}))
         self.settings = MlflowStudySweeperConf(**plain)

@@ -135,7 +135,10 @@ class SweepEnd:
         done = console.counts(study.get_trials(deepcopy=False))
         tags = {
             keys.SWEEP_STATE: "finished",
-            **{keys.TRIAL_COUNT.format(state=s): done[s] for s in ("complete", "pruned", "failed")},
+            **{
+                keys.TRIAL_COUNT.format(state=s): done[s]
+                for s in ("complete", "pruned", "failed", "retried")
+            },
         }
         if published is not None:
             tags |= {keys.MODEL_VERSION: published.version, published.alias: str(published.moved)}
@@ -248,7 +251,8 @@ class SweepEnd:
             "",
             console.table(study, objectives),
             "",
-            f"{done['complete']} complete, {done['pruned']} pruned, {done['failed']} failed",
+            f"{done['complete']} complete, {done['pruned']} pruned, {done['failed']} failed"
+            + (f" ({done['retried']} of them tried again)" if done["retried"] else ""),
         ]
         front = objectives.front(study) if objectives.multi else []
         if front:

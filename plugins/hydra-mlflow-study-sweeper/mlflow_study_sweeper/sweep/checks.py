@@ -31,6 +31,7 @@ from mlflow_study_sweeper.sweep.warm import check_enqueue
 from mlflow_study_sweeper.tracking import store
 from mlflow_study_sweeper.tracking.store import TrackingSettings
 from mlflow_study_sweeper.trial.launch import IN_PROCESS_LAUNCHERS
+from mlflow_study_sweeper.trial.retry import RetryPolicy
 
 MAX_TRIALS = 1_000_000
 MAX_RAY_WORKERS = 10_000
@@ -107,6 +108,7 @@ class Checks:
             keep_checkpoints=bool(s.keep_checkpoints),
             n_jobs=s.n_jobs,
             timeout_s=parse_duration(s.timeout),
+            retry=RetryPolicy.from_settings({"max": s.retry.max, "on": list(s.retry.on or [])}),
         )
         reg = s.registry
         return Plan(

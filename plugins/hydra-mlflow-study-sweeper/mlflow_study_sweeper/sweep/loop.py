@@ -33,8 +33,9 @@ from mlflow_study_sweeper.sweep.budget import (
     trial_deadline,
 )
 from mlflow_study_sweeper.tracking.lifecycle import SweepRuns
-from mlflow_study_sweeper.trial import job_side, resume
+from mlflow_study_sweeper.trial import job_side, resume, retry
 from mlflow_study_sweeper.trial.launch import Jobs, job_error
+from mlflow_study_sweeper.trial.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -74,6 +75,7 @@ class LoopSettings:
     keep_checkpoints: bool = False  # a finished trial keeps its last checkpoint
     n_jobs: int = 1  # workers on this machine, for the time left
     timeout_s: float | None = None  # the time budget of the command (hydra.sweeper.timeout)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # what is tried again, how often
 
 
 @dataclass
@@ -115,6 +117,8 @@ class TrialLoop:
             if self.deadline is not None and time.time() + expected_seconds(trials) > self.deadline:
                 return LoopEnd(Ending.OUT_OF_BUDGET)
             for note in resume.enqueue_continuations(self.study, trials):
+                print(note, flush=True)
+            for note in retry.enqueue_retries(self.study, trials):
                 print(note, flush=True)
             # trials in training; an enqueued (WAITING) one is for `ask` below to hand out
             training = sum(1 for t in trials if t.state == TrialState.RUNNING)
@@ -241,7 +245,7 @@ class TrialLoop:
     def run_trial(self, trial: optuna.Trial) -> FrozenTrial:
         """Run one trial from its run's start to its end; return it as it ended."""
         trial_id = optuna_internals.trial_id(trial)
-        run_id = self.runs.trial_started(trial.number, trial.params)
+        run_id = self.runs.trial_started(trial.number, trial.params, self.retry_tags(trial))
         crash_point("run-created")  # a run no trial records yet: SweepRuns.settle closes it
         self.in_flight = run_id
         trial.set_user_attr(keys.RUN_ID, run_id)
@@ -296,6 +300,14 @@ class TrialLoop:
             )
         return frozen
 
+    def retry_tags(self, trial: optuna.Trial) -> dict[str, str]:
+        """A retry's run names the run of the attempt it repeats."""
+        earlier = trial.user_attrs.get(keys.RETRY_OF)
+        if earlier is None:
+            return {}
+        run = self.runs.run_id(self.study.get_trials(deepcopy=False)[earlier])
+        return {keys.RETRY_OF_RUN: run or "", keys.ATTEMPT_TAG: str(retry.attempt(trial))}
+
     def decisions(self, trial_id: int) -> job_side.Decisions:
         """What a job in another process decided, read back from the storage."""
         return job_side.Decisions.of(optuna_internals.frozen(self.study, trial_id))
@@ -327,7 +339,10 @@ class TrialLoop:
         if isinstance(err, TrialTimeout):
             return Outcome(TrialState.FAIL, kind="timeout", reason=str(err))
         log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
-        return Outcome(TrialState.FAIL, kind="error", reason=f"{type(err).__name__}: {err}")
+        kind = "error"
+        if self.settings.retry.transient(err) and self.settings.retry.attempts_left(trial):
+            kind = retry.TRANSIENT  # tried again (enqueue_retries); not a failure of the budget
+        return Outcome(TrialState.FAIL, kind=kind, reason=f"{type(err).__name__}: {err}")
 
     def tell(self, trial: optuna.Trial, run_id: str, outcome: Outcome) -> FrozenTrial:
         """The outcome into the study, then onto the run; returns the trial as it ended."""
@@ -351,7 +366,7 @@ class TrialLoop:
         self.runs.trial_ended(run_id, keys.run_status(frozen), tags, values)
         # an interrupted trial keeps its checkpoint; a trial that never saved one costs nothing
         saved = keys.checkpoint_step(frozen) is not None or keys.continues(frozen) is not None
-        if outcome.kind not in resume.CONTINUABLE and saved:
+        if outcome.kind not in (*resume.CONTINUABLE, retry.TRANSIENT) and saved:
             resume.tidy_checkpoints(
                 self.runs.client, self.study, frozen, self.settings.keep_checkpoints
             )

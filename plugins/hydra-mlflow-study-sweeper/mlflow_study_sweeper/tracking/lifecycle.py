@@ -142,7 +142,9 @@ class SweepRuns:
             end_run(self.client, self.parent_run_id, status, tags)
 
     # -- a trial --
-    def trial_started(self, number: int, params: dict[str, Any]) -> str:
+    def trial_started(
+        self, number: int, params: dict[str, Any], tags: dict[str, str] | None = None
+    ) -> str:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"trial-{number}",
@@ -152,6 +154,7 @@ class SweepRuns:
                 keys.TRIAL_NUMBER: str(number),
                 keys.STATE: "RUNNING",
                 MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+                **(tags or {}),
             },
         )
         log_batch(self.client, run.info.run_id, params=as_params(params))

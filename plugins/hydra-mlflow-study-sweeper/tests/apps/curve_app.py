@@ -5,6 +5,7 @@ defaults it is app.py.
 
 import os
 import time
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -38,6 +39,8 @@ def main(cfg: DictConfig) -> float:
             break
         if cfg.checkpoint:  # its whole state is the epoch number: nothing to store
             checkpoint_saved(epoch)
+        if cfg.flaky:  # the first `flaky` attempts of the sweep fail after an epoch's checkpoint
+            flaky(cfg)
     if run is not None:
         mlflow.end_run()
     if cfg.pareto:  # two objectives: their Pareto front is the segment from (0, 0) to (2, 2)
@@ -45,6 +48,18 @@ def main(cfg: DictConfig) -> float:
         forms = {"tuple": (value, f2), "triple": (value, f2, 0.0), "text": f"{value},{f2}"}
         return forms.get(cfg.pareto, {"f1": value, "f2": f2})
     return f"{value}" if cfg.return_text else value
+
+
+def flaky(cfg: DictConfig) -> None:
+    """A transient failure, counted in a file of the sweep's folder across its jobs."""
+    counter = Path("flaky-attempts")
+    seen = int(counter.read_text()) if counter.exists() else 0
+    if seen >= cfg.flaky:
+        return
+    counter.write_text(str(seen + 1))
+    if cfg.flaky_error == "oom":
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    raise ConnectionError("the data service dropped the connection")
 
 
 if __name__ == "__main__":
