@@ -21,7 +21,7 @@ from mlflow_study_sweeper import console, contract, keys
 from mlflow_study_sweeper.backends.local import WorkerPool
 from mlflow_study_sweeper.backends.ray import RayWorkers
 from mlflow_study_sweeper.end.finish import SweepEnd
-from mlflow_study_sweeper.errors import SweepError, SweepStopped, mask_url
+from mlflow_study_sweeper.errors import SweepError, mask_url
 from mlflow_study_sweeper.faults import crash_point
 from mlflow_study_sweeper.search import grammar
 from mlflow_study_sweeper.search.grammar import check_space_unchanged
@@ -198,51 +198,19 @@ class SweepRun:
     def deliver_kept(
         self, tracking: TrackingStore, plan: Plan, started: float, ended: bool = False
     ) -> None:
-        """Wait until the tracking server has taken every write this process (and workers of
-        this machine that died) kept while it was away: before the end, so that the end reads
-        what the trials wrote (`ended=False`), and after it, so that no command exits 0 with
-        writes of its own still kept (`ended=True`; a worker before it exits, too). Bounded by
-        the time budget when there is one; Ctrl-C or SIGTERM stops the wait. A wait that runs
-        out is one Error line (exit 1): the writes stay on disk for the next command."""
-        relay = tracking.relay
-        if relay is None:
-            return
+        """What this process kept while the tracking server was away reaches it: before the
+        end (`ended=False`), so that the end reads what the trials wrote, and after it
+        (`ended=True`), so that no command exits 0 with writes of its own kept (a worker: before
+        it exits). Within the time budget when there is one (see TrackingStore.deliver_kept)."""
         deadline = started + plan.loop.timeout_s if plan.loop.timeout_s else None
-        if relay.queued():
-            until = "until the time budget ends" if deadline else "Ctrl-C stops; a rerun sends them"
-            print(
-                f"Waiting for the MLflow server {mask_url(relay.uri)} to take the "
-                f"{len(relay.pending)} writes kept while it was away ({until})",
-                flush=True,
+        if not ended:
+            tracking.deliver_kept(
+                deadline, after="rerun the same command when it is back to end the sweep"
             )
-        try:
-            delivered = relay.wait(deadline) and (
-                not relay.deliver_orphans() or relay.wait(deadline)
-            )
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see sigterm_as_interrupt)
-            delivered = False
-        if delivered:
-            return
-        relay.explained = True
-        kept = f"{len(relay.pending)} writes for the MLflow server {mask_url(relay.uri)}"
-        if ended:
-            who = (
-                "this worker's trials are done, and its"
-                if self.is_worker
-                else ("the sweep ended, and its last")
-            )
-            raise SweepStopped(
-                f"{who} {kept} are still kept in {relay.folder} (the "
-                f"server did not come back{' within hydra.sweeper.timeout' if deadline else ''}): "
-                f"rerun the same command, or any sweep command on this machine that tracks into "
-                f"that server, once it answers, and they are sent first"
-            )
-        raise SweepStopped(
-            f"the MLflow server {mask_url(relay.uri)} did not come back"
-            f"{' within hydra.sweeper.timeout' if deadline else ''}; the {kept} are kept in "
-            f"{relay.folder}, and the next sweep to this server from this machine sends them "
-            f"first: rerun the same command when it is back to end the sweep"
-        )
+        elif self.is_worker:
+            tracking.deliver_kept(deadline, ended="this worker's trials are done, and its")
+        else:
+            tracking.deliver_kept(deadline, ended="the sweep ended, and its last")
 
     def trial_loop(self, study: optuna.Study, runs: SweepRuns, plan: Plan) -> TrialLoop:
         jobs = jobs_for(

@@ -29,6 +29,7 @@ from mlflow_study_sweeper.databases import (
 )
 from mlflow_study_sweeper.errors import (
     SweepConfigError,
+    SweepStopped,
     TrackingUnavailableError,
     mask_url,
 )
@@ -234,6 +235,47 @@ class TrackingStore:
                 wait_for_server(self.uri)
                 if self.relay is not None:
                     self.relay.wait()
+
+    def deliver_kept(
+        self, deadline: float | None, ended: str | None = None, after: str = ""
+    ) -> None:
+        """Wait until the server has taken every write this process (and processes of this
+        machine that died) kept while it was away, until `deadline` (time.time()) when given;
+        Ctrl-C or SIGTERM stops the wait. A wait that runs out is SweepStopped (one Error line,
+        exit 1), which says how many writes are kept, where, and what sends them: `ended` names
+        who ended with writes kept, else `after` says what to do."""
+        relay = self.relay
+        if relay is None:
+            return
+        if relay.queued():
+            until = "until the time budget ends" if deadline else "Ctrl-C stops; a rerun sends them"
+            print(
+                f"Waiting for the MLflow server {mask_url(relay.uri)} to take the "
+                f"{len(relay.pending)} writes kept while it was away ({until})",
+                flush=True,
+            )
+        try:
+            delivered = relay.wait(deadline) and (
+                not relay.deliver_orphans() or relay.wait(deadline)
+            )
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the sweep raises it for SIGTERM)
+            delivered = False
+        if delivered:
+            return
+        relay.explained = True  # this line says where they are: not the relay's farewell too
+        kept = f"{len(relay.pending)} writes for the MLflow server {mask_url(relay.uri)}"
+        within = " within hydra.sweeper.timeout" if deadline else ""
+        if ended:
+            raise SweepStopped(
+                f"{ended} {kept} are still kept in {relay.folder} (the server did not come "
+                f"back{within}): rerun the same command, or any sweep command on this machine "
+                f"that tracks into that server, once it answers, and they are sent first"
+            )
+        raise SweepStopped(
+            f"the MLflow server {mask_url(relay.uri)} did not come back{within}; the {kept} are "
+            f"kept in {relay.folder}, and the next sweep to this server from this machine sends "
+            f"them first: {after}"
+        )
 
     def require_server(self, what: str) -> None:
         """Before a read whose empty answer would be taken for the truth (the best run's logged
