@@ -78,6 +78,32 @@ def tables(path: Path) -> set[str]:
     return {name for (name,) in rows}
 
 
+def check_store_file(path: Path, store: str, named: str, key: str, required: set[str]) -> bool:
+    """The SQLite file a store (`store`: "Optuna storage", "MLflow store") is to live in, read
+    without writing: False when it is new (its folder checked writable), True when it exists and
+    holds that store's tables (`required`) or none. A file that is no SQLite database, holds
+    another program's tables, or cannot be made is one SweepConfigError naming `key`."""
+    from mlflow_study_sweeper.errors import SweepConfigError
+
+    if not path.exists() or path.stat().st_size == 0:
+        if not writable_place(path):
+            raise SweepConfigError(f"cannot create the {store} {path}: its folder is not writable")
+        return False
+    try:
+        found = tables(path)
+    except ValueError as err:
+        raise SweepConfigError(
+            f"{named} is not an {store}: {err}. Point {key} at another file"
+        ) from None
+    if found and not found >= required:
+        raise SweepConfigError(
+            f"{path} is a SQLite database of something else (tables {', '.join(sorted(found)[:4])}"
+            f", ...), not an {store}: point {key} at another file (the Optuna storage and the "
+            f"MLflow store cannot share one)"
+        )
+    return True
+
+
 def writable_place(path: Path) -> bool:
     """Whether a new file can be made at `path` (its nearest existing folder is writable)."""
     folder = path.parent

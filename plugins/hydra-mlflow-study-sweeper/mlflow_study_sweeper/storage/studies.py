@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -15,10 +16,10 @@ from optuna.trial import TrialState
 from mlflow_study_sweeper import keys
 from mlflow_study_sweeper.databases import (
     DatabaseUnreachable,
+    check_store_file,
     create_whole,
     probe,
     sqlite_path,
-    tables,
     writable_place,
 )
 from mlflow_study_sweeper.errors import SweepConfigError, SweepError, mask_url
@@ -97,26 +98,8 @@ def check_storage(url: str, probe_server: bool = True) -> None:
     is not probed by a worker: the sweep probed it, and the worker's calls wait out outages)."""
     path = sqlite_path(url)
     if path is not None:
-        if not path.exists() or path.stat().st_size == 0:
-            if not writable_place(path):
-                raise SweepConfigError(
-                    f"cannot create the Optuna storage {path}: its folder is not writable"
-                )
-            return
-        try:
-            found = tables(path)
-        except ValueError as err:
-            raise SweepConfigError(
-                f"hydra.sweeper.storage={url} is not an Optuna storage: {err}. Point it at "
-                f"another file"
-            ) from None
-        if found and "studies" not in found:
-            raise SweepConfigError(
-                f"{path} is a SQLite database of something else (tables "
-                f"{', '.join(sorted(found)[:4])}, ...), not an Optuna storage: point "
-                f"hydra.sweeper.storage at another file (the Optuna storage and the MLflow store "
-                f"cannot share one)"
-            )
+        key = "hydra.sweeper.storage"
+        check_store_file(path, "Optuna storage", f"{key}={url}", key, {"studies"})
     elif url.startswith(("postgresql", "mysql")):
         if probe_server:
             check_database(url)
@@ -237,3 +220,16 @@ def fail_trial(study: optuna.Study, trial_id: int, kind: str, reason: str) -> bo
         return optuna_internals.set_trial_state(study, trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
+
+
+def enqueue_once(
+    study: optuna.Study, mark: str, params: dict[str, Any], user_attrs: dict[str, Any]
+) -> bool:
+    """Enqueue a trial with `params` once across every worker and rerun: the first to insert
+    `mark` (a study system attribute, atomically) enqueues it; False for the others."""
+    if mark in optuna_internals.study_system_attrs(study):
+        return False  # enqueued before
+    if not optuna_internals.insert_once(study, mark, True):
+        return False  # by another worker just now
+    study.enqueue_trial(params, user_attrs=user_attrs)
+    return True

@@ -21,11 +21,10 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_study_sweeper.databases import (
     DatabaseUnreachable,
+    check_store_file,
     create_whole,
     probe,
     sqlite_path,
-    tables,
-    writable_place,
 )
 from mlflow_study_sweeper.errors import (
     SweepConfigError,
@@ -101,25 +100,10 @@ def check_store(tracking_uri: str, probe_server: bool = True) -> None:
 
 
 def check_sqlite_store(tracking_uri: str, path: Path) -> None:
-    if not path.exists() or path.stat().st_size == 0:
-        if not writable_place(path):
-            raise SweepConfigError(
-                f"cannot create the MLflow store {path}: its folder is not writable"
-            )
+    key = "hydra.sweeper.tracking_uri"
+    named = f"the MLflow tracking URI {tracking_uri}"
+    if not check_store_file(path, "MLflow store", named, key, MLFLOW_TABLES):
         return
-    try:
-        found = tables(path)
-    except ValueError as err:
-        raise SweepConfigError(
-            f"the MLflow tracking URI {tracking_uri} is not an MLflow store: {err}. Point "
-            f"hydra.sweeper.tracking_uri at another file"
-        ) from None
-    if found and not found >= MLFLOW_TABLES:
-        raise SweepConfigError(
-            f"{path} is a SQLite database of something else (tables {', '.join(sorted(found)[:4])}"
-            f", ...), not an MLflow store: point hydra.sweeper.tracking_uri at another file "
-            f"(the Optuna storage and the MLflow store cannot share one)"
-        )
     try:  # opening an existing store checks its schema and writes nothing
         MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as err:

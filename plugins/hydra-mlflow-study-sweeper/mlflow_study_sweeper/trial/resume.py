@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_study_sweeper import contract, keys
 from mlflow_study_sweeper.storage import optuna_internals
+from mlflow_study_sweeper.storage.studies import enqueue_once
 from mlflow_study_sweeper.tracking import lifecycle
 from mlflow_study_sweeper.tracking.offline import TrackingOffline
 
@@ -43,12 +44,10 @@ def enqueue_continuations(study: optuna.Study, trials: list[FrozenTrial]) -> lis
     if not waiting:
         return []
     notes = []
-    done = optuna_internals.study_system_attrs(study)
     for trial in waiting:
-        key = keys.CONTINUED.format(number=trial.number)
-        if key in done or not optuna_internals.insert_once(study, key, True):
-            continue  # enqueued before, or by another worker just now
-        study.enqueue_trial(trial.params, user_attrs={keys.CONTINUES: trial.number})
+        mark = keys.CONTINUED.format(number=trial.number)
+        if not enqueue_once(study, mark, trial.params, {keys.CONTINUES: trial.number}):
+            continue
         notes.append(
             f"trial {trial.number} was interrupted after epoch {keys.checkpoint_step(trial) + 1}: "
             f"a new trial with its parameters continues from that checkpoint"

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_study_sweeper import keys
 from mlflow_study_sweeper.errors import SweepConfigError
-from mlflow_study_sweeper.storage import optuna_internals
+from mlflow_study_sweeper.storage.studies import enqueue_once
 
 DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 TRANSIENT = keys.TRANSIENT  # the failure kind of a trial that is retried
@@ -134,15 +134,12 @@ def enqueue_retries(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]
     if not waiting:
         return []
     notes = []
-    done = optuna_internals.study_system_attrs(study)
     for trial in waiting:
-        key = keys.RETRIED.format(number=trial.number)
-        if key in done or not optuna_internals.insert_once(study, key, True):
-            continue  # enqueued before, or by another worker just now
         attrs = {keys.RETRY_OF: trial.number, keys.ATTEMPT: attempt(trial) + 1}
         if keys.checkpoint_step(trial) is not None:
             attrs[keys.CONTINUES] = trial.number  # it goes on from the checkpoint it saved
-        study.enqueue_trial(trial.params, user_attrs=attrs)
+        if not enqueue_once(study, keys.RETRIED.format(number=trial.number), trial.params, attrs):
+            continue
         notes.append(
             f"trial {trial.number} failed of something transient "
             f"({keys.fail_reason(trial)[:120]}): attempt {attempt(trial) + 1} follows with its "
