@@ -82,6 +82,13 @@ KILLED_FAILURES = ("interrupted", "time_budget")
 
 
 # ---- accessors ----------------------------------------------------------------------------------
+def config_key(name: str) -> str:
+    """A searched parameter's key in the config and in its MLflow run: its Optuna name without
+    Hydra's `+` or `++` (`+w`, a key the config lacks, is suggested as Hydra's optuna sweeper
+    has it; MLflow refuses `+` in a param's name)."""
+    return name.lstrip("+")
+
+
 def run_id(trial: FrozenTrial) -> str | None:
     """The trial's run as the trial records it (a provisional id while the tracking server was
     away and the study could not be told its real one: tracking.lifecycle.SweepRuns.run_id)."""

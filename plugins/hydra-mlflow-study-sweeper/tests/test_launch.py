@@ -18,8 +18,12 @@ PROBE = APPS / "probe" / "probe_app.py"
 IDS = re.compile(r"[0-9a-f]{32}|(?<=SWEEP_TRIAL_ID[=:] )'?\d+'?|(?<=TRIAL_ID=)\d+")
 
 
-def sweep(path, monkeypatch, through_hydra: bool) -> dict[str, str]:
-    """The probe app's 3 trials; every file its jobs left, path-independent."""
+# the probe app's 3 trials: a fixed value left out of override_dirname by the config, another
+PROBE_SWEEP = (PROBE, "y=0.25", "nested.value=4")
+
+
+def sweep(path, monkeypatch, through_hydra: bool, app=PROBE_SWEEP) -> dict[str, str]:
+    """An app's trials (the probe's 3 by default); every file its jobs left, path-independent."""
     if through_hydra:
         made = launch.InProcessJobs.__init__
 
@@ -30,13 +34,12 @@ def sweep(path, monkeypatch, through_hydra: bool) -> dict[str, str]:
         monkeypatch.setattr(launch.InProcessJobs, "__init__", via_hydra)
     path.mkdir()
     argv = [
-        str(PROBE),
+        str(app[0]),
         "-m",
         f"hydra.sweep.dir={path}/multirun",
         f"hydra.sweeper.storage=sqlite:///{path}/optuna.db",
         f"hydra.sweeper.tracking_uri=sqlite:///{path}/mlflow.db",
-        "y=0.25",  # a fixed value, left out of override_dirname by the config
-        "nested.value=4",
+        *app[1:],
     ]
     proc = run_in_process(argv, path, clean_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -83,3 +86,43 @@ def test_override_dirname_as_hydra_computes_it(overrides, exclude, expected):
     assert override_dirname(overrides, exclude, "/", ":") == expected.replace(",", "/").replace(
         "=", ":"
     )
+
+
+# a search-space function's params: Hydra's example adds `+w`, a key its config lacks; the
+# optimizer app's momentum is drawn for SGD only (the enqueued order: sgd, adam, sgd, adam)
+FUNCTION_SWEEPS = {
+    "+w": (
+        APPS / "hydra_custom" / "custom-search-space-objective.py",
+        "hydra.sweeper.n_trials=3",
+        "hydra.job.chdir=True",
+    ),
+    "conditional": (
+        APPS / "optimizer_app.py",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.enqueue=[{optimizer.name: sgd, lr: 0.01}, {optimizer.name: adam, lr: 0.02}, "
+        "{optimizer.name: sgd, lr: 0.03}, {optimizer.name: adam, lr: 0.04}]",
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore::hydra.errors.Hydra14MigrationWarning")  # Hydra's example
+@pytest.mark.parametrize("name", sorted(FUNCTION_SWEEPS))
+def test_a_search_space_functions_params_reach_the_job_as_hydras_own_path_has_them(
+    tmp_path, monkeypatch, name
+):
+    app = FUNCTION_SWEEPS[name]
+    fast = sweep(tmp_path / "fast", monkeypatch, through_hydra=False, app=app)
+    hydra = sweep(tmp_path / "hydra", monkeypatch, through_hydra=True, app=app)
+    assert sorted(fast) == sorted(hydra)
+    configs = sorted(f for f in fast if f.endswith(".hydra/config.yaml"))
+    assert len(configs) == int(app[1].rsplit("=", 1)[1])
+    for file in fast:
+        assert fast[file] == hydra[file], file
+    for file in configs:
+        overrides = fast[file.replace("config.yaml", "overrides.yaml")]
+        if name == "+w":  # the new key in the job's config and in its overrides, as `+w=...`
+            assert "\nw: " in fast[file] and "- +w=" in overrides
+        elif "- optimizer.name=adam" in overrides:  # after an SGD trial: the config's momentum
+            assert "momentum: 0.0\n" in fast[file] and "momentum" not in overrides
+        else:
+            assert "- optimizer.momentum=" in overrides

@@ -33,6 +33,7 @@ OPTUNA_PRIVATE = {
     "_contains",
     "_get_unvisited_grid_ids",
     "_n_min_trials",
+    "_suggest",
 }
 
 

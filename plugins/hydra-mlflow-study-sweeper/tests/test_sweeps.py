@@ -266,12 +266,72 @@ REFUSED = [
     ("hydra.sweeper.storage_outage_limit=soon", "storage_outage_limit='soon' is not a duration"),
     ("hydra.sweeper.storage_outage_limit=0", "storage_outage_limit=0 is not a duration"),
     ("hydra.sweeper.timeout=-5m", "timeout='-5m' is not a duration"),
+    # a search space in Python (tests/apps/spaces.py): an override, or several
+    (
+        "hydra.sweeper.search_space=spaces.suggests_missing_key",
+        "spaces.suggests_missing_key suggests 'w', a key the config does not have: add w to the "
+        "config, or suggest '+w'",
+    ),
+    (
+        "hydra.sweeper.search_space=spaces.adds_existing_key",
+        "suggests '+epochs', but the config has epochs already (Hydra refuses to add it again)",
+    ),
+    (
+        "hydra.sweeper.search_space=spaces.redefines_x",
+        "spaces.redefines_x suggests x as [0.0, 1.0], which hydra.sweeper.params (or the command "
+        "line) defines as [-5.5, 5.5]: define each key in one place",
+    ),
+    ("hydra.sweeper.search_space=spaces.redefines_x_as_choice", "define each key in one place"),
+    (
+        "hydra.sweeper.search_space=spaces.suggests_w_twice",
+        "spaces.suggests_w_twice suggests both '+w' and '++w', one config key w",
+    ),
+    (
+        "hydra.sweeper.search_space=spaces.no_such_function",
+        "search_space='spaces.no_such_function' cannot be imported: spaces has no "
+        "'no_such_function'",
+    ),
+    (
+        "hydra.sweeper.custom_search_space=no_such_module.configure",
+        "custom_search_space='no_such_module.configure' cannot be imported: No module named "
+        "'no_such_module'",
+    ),
+    (
+        "hydra.sweeper.search_space=spaces.one_argument",
+        "one_argument(trial) -> None cannot be called as Hydra calls a search-space function, "
+        "fn(cfg: DictConfig, trial: optuna.Trial) -> None",
+    ),
+    (
+        "hydra.sweeper.search_space=spaces.NOT_A_FUNCTION",
+        "is not a function but an object of type int",
+    ),
+    (
+        (
+            "hydra.sweeper.search_space=spaces.adds_w",
+            "hydra.sweeper.custom_search_space=spaces.raises",
+        ),
+        "name two functions: they are one setting under two names",
+    ),
+    (
+        ("hydra.sweeper.search_space=spaces.adds_w", "hydra.sweeper.sampler=grid", "x=choice(1,2)"),
+        "a grid sampler cannot take hydra.sweeper.search_space=spaces.adds_w",
+    ),
+    (
+        "hydra.sweeper.search_space=spaces.raises",
+        "hydra.sweeper.search_space: spaces.raises raised RuntimeError: the function is broken "
+        "(on the corner x=-5.5)",
+    ),
+    (
+        "hydra.sweeper.search_space=spaces.sets_the_config",
+        "raised ReadonlyConfigError: Cannot change read-only config container (on the corner",
+    ),
+    ("hydra.sweeper.search_space=spaces.not_a_key", "suggests 'a b', which is not a config key"),
 ]
 
 
 @pytest.mark.parametrize("override, message", REFUSED, ids=[repr(o[:40])[1:-1] for o, _ in REFUSED])
 def test_bad_input_is_one_error_line_and_creates_nothing(tmp_path, override, message):
-    proc = ToyApp(tmp_path).run(override)
+    proc = ToyApp(tmp_path).run(*([override] if isinstance(override, str) else override))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     errors = error_lines(proc)

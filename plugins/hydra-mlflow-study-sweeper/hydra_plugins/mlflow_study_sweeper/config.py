@@ -127,6 +127,15 @@ class MlflowStudySweeperConf:
     warm_start_from: Any = None
     # search space: dotted config key -> Hydra override grammar, e.g. interval(0.0, 0.5)
     params: dict[str, Any] = field(default_factory=dict)
+    # a search space in Python: pkg.module.fn, called for each trial as fn(cfg, trial) with the
+    # composed config and the Optuna trial after the params above were asked (trial.params has
+    # them); it suggests more with trial.suggest_*(dotted key, ...), conditional ones included
+    # ('+key' adds a key the config lacks). Checked, and drawn on the corners, before anything
+    # is created; not with the grid sampler
+    search_space: Any = None
+    # Hydra's optuna sweeper's name for search_space, so that its configs run unchanged (set one
+    # of the two, or both to the same function)
+    custom_search_space: Any = None
     # MLflow: where runs go (null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db) and the
     # experiment (null: the Hydra job's name)
     tracking_uri: Any = None

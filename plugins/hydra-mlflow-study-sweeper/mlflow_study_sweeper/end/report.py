@@ -70,6 +70,9 @@ def write_plots(study: optuna.Study, folder: Path, objectives: Objectives) -> li
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # importances of near-equal trials warn that they are equal; the plot says as much
         warnings.filterwarnings("ignore", "Target and region quantiles", UserWarning)
+        # ... and that a param with few trials per value range (one a search-space function
+        # draws from another's value, say) is judged on little: so is any importance of 20 trials
+        warnings.filterwarnings("ignore", "Some regimes for parameter", UserWarning)
         # with several objectives the importances are those of the first, as the page says
         warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes", UserWarning)
         # a view of few or equal trials: matplotlib widens its flat axes itself, and says so

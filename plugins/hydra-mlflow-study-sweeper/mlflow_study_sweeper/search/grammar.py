@@ -213,21 +213,27 @@ def describe(dist: BaseDistribution) -> str:
     return f"{log}{kind}[{dist.low}, {dist.high}]{step}"
 
 
-def check_space_unchanged(study: optuna.Study, space: dict[str, Any]) -> None:
-    """A resumed study refuses a parameter whose kind changed (log <-> linear, float <-> int)."""
+def check_space_unchanged(
+    study: optuna.Study, space: dict[str, Any], drawn: dict[str, Any] | None = None
+) -> None:
+    """A resumed study refuses a parameter whose kind changed (log <-> linear, float <-> int);
+    `drawn`: the params a search-space function suggested on the checks' corners."""
     seen: dict[str, Any] = {}
     for trial in study.get_trials(deepcopy=False):
         for key, dist in trial.distributions.items():
             seen.setdefault(key, dist)
-    for key, dist in space.items():
+    for key, dist in {**(drawn or {}), **space}.items():
         before = seen.get(key)
         if before is None:
             continue
         try:
             optuna.distributions.check_distribution_compatibility(before, dist)
         except ValueError:
+            where = f"the search-space param {key}"
+            if key in space:
+                where = f"hydra.sweeper.params.{key}"
             raise SweepConfigError(
-                f"hydra.sweeper.params.{key} changed from {describe(before)} to {describe(dist)} "
+                f"{where} changed from {describe(before)} to {describe(dist)} "
                 f"since study {study.study_name!r} started, and Optuna cannot mix the two in one "
                 f"study: keep the old kind, or start a new study with hydra.sweeper.study_name=..."
             ) from None

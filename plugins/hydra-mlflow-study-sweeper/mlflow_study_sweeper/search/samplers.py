@@ -91,6 +91,14 @@ class ExhaustibleGridSampler(optuna.samplers.GridSampler):
         return optuna_internals.grid_size(self)
 
 
+def is_grid(value: Any) -> bool:
+    """Whether hydra.sweeper.sampler names Optuna's grid sampler (by name or _target_)."""
+    try:
+        return str(_spec(value, SAMPLERS, "sampler")["_target_"]).endswith("GridSampler")
+    except SweepConfigError:
+        return False  # make_sampler says what is wrong with it
+
+
 def make_sampler(
     value: Any, seed: int | None, search_space: dict[str, Any] | None = None
 ) -> optuna.samplers.BaseSampler:

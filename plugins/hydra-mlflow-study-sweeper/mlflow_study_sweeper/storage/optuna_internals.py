@@ -394,6 +394,26 @@ def contains(dist: BaseDistribution, value: Any) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def suggestions(trial: optuna.Trial) -> Iterator[list[tuple[str, BaseDistribution]]]:
+    """Every suggest_* call made on `trial` inside the block, as (name, distribution), those
+    that return a value the trial already has included (Optuna returns it without a word,
+    whatever the distribution asked for). Every suggest_* method of Optuna's Trial goes
+    through its `_suggest`, which is wrapped on this one object while the block runs."""
+    made: list[tuple[str, BaseDistribution]] = []
+    original = trial._suggest
+
+    def recording(name: str, distribution: BaseDistribution) -> Any:
+        made.append((name, distribution))
+        return original(name, distribution)
+
+    trial._suggest = recording  # type: ignore[method-assign]
+    try:
+        yield made
+    finally:
+        del trial._suggest  # the class's method again
+
+
 def unvisited_grid_points(sampler: optuna.samplers.GridSampler, study: optuna.Study) -> int:
     return len(sampler._get_unvisited_grid_ids(study))
 

@@ -21,16 +21,19 @@ from mlflow_study_sweeper.backends import ray
 from mlflow_study_sweeper.backends.local import WorkerSettings, gpu_assignment, visible_gpus
 from mlflow_study_sweeper.end.finish import EndPlan, Registration
 from mlflow_study_sweeper.errors import SweepConfigError
+from mlflow_study_sweeper.keys import config_key
 from mlflow_study_sweeper.search import grammar
 from mlflow_study_sweeper.search.objectives import MULTI_OBJECTIVE_REFUSED, Objectives
-from mlflow_study_sweeper.search.samplers import make_pruner, make_sampler
+from mlflow_study_sweeper.search.samplers import is_grid, make_pruner, make_sampler
+from mlflow_study_sweeper.search.space_function import SearchFunction, SearchFunctionError
+from mlflow_study_sweeper.storage import optuna_internals
 from mlflow_study_sweeper.storage.outages import DEFAULT_LIMIT_S
 from mlflow_study_sweeper.storage.studies import StudySettings, check_storage
 from mlflow_study_sweeper.sweep.loop import LoopSettings
 from mlflow_study_sweeper.sweep.warm import check_enqueue
 from mlflow_study_sweeper.tracking import store
 from mlflow_study_sweeper.tracking.store import TrackingSettings
-from mlflow_study_sweeper.trial.launch import IN_PROCESS_LAUNCHERS
+from mlflow_study_sweeper.trial.launch import IN_PROCESS_LAUNCHERS, selects_group
 from mlflow_study_sweeper.trial.retry import RetryPolicy
 
 MAX_TRIALS = 1_000_000
@@ -58,6 +61,9 @@ class Plan:
     seeds: Seeds
     pruner_json: str  # the pruner's settings, for jobs in other processes (contract.PRUNER)
     cluster: Any = None  # the Ray cluster (backends.ray.Cluster) of backend=ray; None: local
+    # hydra.sweeper.search_space (or custom_search_space): the function that adds params to
+    # each trial after the grammar's; None: the grammar's params alone
+    search: SearchFunction | None = None
 
 
 @dataclass(frozen=True)
@@ -90,9 +96,10 @@ class Checks:
         objectives = Objectives.from_settings(s.direction, s.metric, s.champion)
         space, fixed = grammar.parse(s.params, arguments)
         base = self.compose(fixed)
-        self.check_space(space, base)
-        self.check_corners(space, fixed, base)
-        sampler, pruner = self.optimizers(space, objectives)
+        search = self.search_function(space, base)
+        self.check_space(space, base, search)
+        self.check_corners(space, fixed, base, search)
+        sampler, pruner = self.optimizers(space, objectives, search)
         storage = self.storage()
         uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         uri = store.absolute_uri(uri, self.start_dir)
@@ -141,9 +148,10 @@ class Checks:
                 publish=s.publish,
                 registry=Registration(reg.model, reg.name, reg.alias, reg.metric, reg.direction),
             ),
-            seeds=Seeds(check_enqueue(s.enqueue, space) or [], s.warm_start_from),
+            seeds=Seeds(check_enqueue(s.enqueue, space, search) or [], s.warm_start_from),
             pruner_json=json.dumps(s.pruner),
             cluster=cluster,
+            search=search,
         )
 
     def outage_limit(self) -> float:
@@ -228,11 +236,30 @@ class Checks:
             raise
         return cluster
 
-    def check_space(self, space: dict[str, Any], base: DictConfig) -> None:
-        if not space:
+    def search_function(self, space: dict[str, Any], base: DictConfig) -> SearchFunction | None:
+        """hydra.sweeper.search_space, or Hydra's name for it, custom_search_space: loaded, and
+        its signature checked (what it suggests is checked on the corners)."""
+        ours = self.s.search_space or None
+        hydras = self.s.custom_search_space or None
+        if ours is not None and hydras is not None and ours != hydras:
+            raise SweepConfigError(
+                f"hydra.sweeper.search_space={ours!r} and hydra.sweeper.custom_search_space="
+                f"{hydras!r} name two functions: they are one setting under two names "
+                f"(custom_search_space is Hydra's optuna sweeper's), so set one of them"
+            )
+        if ours is None and hydras is None:
+            return None
+        setting = "search_space" if ours is not None else "custom_search_space"
+        return SearchFunction.load(setting, ours or hydras, base, space)
+
+    def check_space(
+        self, space: dict[str, Any], base: DictConfig, search: SearchFunction | None = None
+    ) -> None:
+        if not space and search is None:
             raise SweepConfigError(
                 "the search space is empty: set hydra.sweeper.params, e.g. "
-                "hydra.sweeper.params.x='interval(0, 1)', or sweep a key: x='interval(0, 1)'"
+                "hydra.sweeper.params.x='interval(0, 1)', or sweep a key: x='interval(0, 1)', "
+                "or name a function that suggests params in hydra.sweeper.search_space"
             )
         for key in space:
             if OmegaConf.select(base, key, default="__missing__") == "__missing__":
@@ -240,9 +267,24 @@ class Checks:
                     f"hydra.sweeper.params.{key}: the config has no key {key!r} to search over"
                 )
 
-    def optimizers(self, space: dict[str, Any], objectives: Objectives) -> tuple[Any, Any]:
-        """The sampler and the pruner, refused where they cannot serve several objectives."""
+    def optimizers(
+        self, space: dict[str, Any], objectives: Objectives, search: SearchFunction | None = None
+    ) -> tuple[Any, Any]:
+        """The sampler and the pruner, refused where they cannot serve several objectives; a
+        grid, where a search-space function defines params as each trial runs."""
+        refused = (
+            f"a grid sampler cannot take hydra.sweeper.{search.setting}={search.path}: its grid "
+            f"is fixed before the first trial, and the function defines params as each trial "
+            f"runs; use another sampler (tpe, random, ...), or search a finite space with "
+            f"choice(...) and range(...) in hydra.sweeper.params alone"
+            if search is not None
+            else ""
+        )
+        if search is not None and is_grid(self.s.sampler):
+            raise SweepConfigError(refused)
         sampler = make_sampler(self.s.sampler, self.s.seed, space)
+        if search is not None and isinstance(sampler, optuna.samplers.GridSampler):
+            raise SweepConfigError(refused)
         pruner = make_pruner(self.s.pruner)
         instead = {
             sampler: "sampler tpe, nsga2 or random",
@@ -276,11 +318,15 @@ class Checks:
             check_storage(storage, probe_server=not contract.is_worker())
         return storage
 
-    def check_corners(self, space: dict, fixed: list[str], base: DictConfig) -> None:
+    def check_corners(
+        self, space: dict, fixed: list[str], base: DictConfig, search: SearchFunction | None = None
+    ) -> None:
         """Every corner of the space composes, and passes the app's own check if it has one.
 
         A failure that every corner of a key shares (missing data, say) is reported as it is;
-        one that only some corners meet names the corner.
+        one that only some corners meet names the corner. With a search-space function, each
+        corner of the grammar's params is drawn through the function twice, its own params at
+        their low ends, then at their high ends (a function alone: those two draws).
         """
         check = instantiate(self.s.check, _partial_=True) if self.s.check else None
 
@@ -291,41 +337,100 @@ class Checks:
                 return str(err)
             return None
 
-        for key, dist in space.items():
-            values = (
-                dist.choices
-                if isinstance(dist, optuna.distributions.CategoricalDistribution)
-                else (dist.low, dist.high)
-            )
-            corners = [(value, self.corner(base, fixed, key, value)) for value in values]
-            for value, cfg in corners if check is not None else []:
+        searched: list[tuple[str | None, Any]] = list(space.items())
+        if not searched and search is not None:
+            searched = [(None, None)]  # the function's params alone
+        for key, dist in searched:
+            if key is None:
+                values: Any = [None]
+            elif isinstance(dist, optuna.distributions.CategoricalDistribution):
+                values = dist.choices
+            else:
+                values = (dist.low, dist.high)
+            corners = [
+                (value, params, self.corner(base, fixed, params, search))
+                for value in values
+                for params in self.corner_params(space, base, key, value, search)
+            ]
+            for value, params, cfg in corners if check is not None else []:
                 error = fails(cfg)
                 if error is None:
                     continue
-                others = [fails(c) for v, c in corners if v != value] or [fails(base)]
+                others = [fails(c) for v, _, c in corners if v != value] or [fails(base)]
                 if all(other == error for other in others):
                     raise SweepConfigError(error)
+                drawn = ", ".join(f"{k}={v!r}" for k, v in params.items() if k not in space)
+                if key is None:
+                    raise SweepConfigError(
+                        f"hydra.sweeper.{search.setting}: {search.path} reaches {drawn}, which "
+                        f"cannot run: {error}"
+                    )
+                also = f" (and {search.path} {drawn})" if drawn else ""
                 raise SweepConfigError(
                     f"hydra.sweeper.params.{key} = {grammar.describe(dist)} reaches "
-                    f"{key}={value}, which cannot run: {error}"
+                    f"{key}={value}{also}, which cannot run: {error}"
                 )
         if check is not None and (error := fails(base)) is not None:
             raise SweepConfigError(error)
 
-    def corner(self, base: DictConfig, fixed: list[str], key: str, value: Any) -> DictConfig:
-        """The config with `key` at `value`: the base with one value set (a type the schema
-        refuses is an error, as in Hydra's composition), or composed by Hydra for a group."""
-        if key in base.hydra.runtime.choices:
-            return self.compose(fixed + [grammar.as_override(key, value)])
+    def corner_params(
+        self,
+        space: dict,
+        base: DictConfig,
+        key: str | None,
+        value: Any,
+        search: SearchFunction | None,
+    ) -> list[dict[str, Any]]:
+        """The values of a corner: `key` at `value`; with a search-space function, the other
+        grammar params at the config's values (or an end, where the space lacks that value) and
+        the function's params at their low ends, then at their high ends."""
+        if search is None:
+            return [{key: value}]
+        fixed = {}
+        for other, dist in space.items():
+            current = OmegaConf.select(base, other, default=None)
+            if other != key and optuna_internals.contains(dist, current):
+                fixed[other] = current
+        if key is not None:
+            fixed[key] = value
+        out: list[dict[str, Any]] = []
+        for high in (False, True):
+            try:
+                params = search.draw(fixed, high=high).params
+            except SearchFunctionError as err:
+                at = f" (on the corner {key}={value!r})" if key is not None else ""
+                raise SweepConfigError(f"hydra.sweeper.{search.setting}: {err}{at}") from None
+            if params not in out:
+                out.append(params)
+        return out
+
+    def corner(
+        self,
+        base: DictConfig,
+        fixed: list[str],
+        values: dict[str, Any],
+        search: SearchFunction | None = None,
+    ) -> DictConfig:
+        """The config with `values` set: the base with values set (a type the schema refuses is
+        an error, as in Hydra's composition), or composed by Hydra for a config group."""
+        choices = base.hydra.runtime.choices
+        if any(selects_group(self.hydra_context, choices, name) for name in values):
+            return self.compose(fixed + [grammar.as_override(k, v) for k, v in values.items()])
         cfg = copy.deepcopy(base)
-        try:
-            with read_write(cfg), open_dict(cfg):
-                OmegaConf.update(cfg, key, value, merge=False)
-        except OmegaConfBaseException as err:
-            raise SweepConfigError(
-                f"hydra.sweeper.params.{key} reaches {key}={value!r}, which the config "
-                f"refuses: {str(err).splitlines()[0]}"
-            ) from None
+        for name, value in values.items():
+            try:
+                with read_write(cfg), open_dict(cfg):
+                    OmegaConf.update(cfg, config_key(name), value, merge=False)
+            except OmegaConfBaseException as err:
+                where = (
+                    f"hydra.sweeper.{search.setting}: {search.path} suggests"
+                    if search is not None and name not in search.grammar
+                    else f"hydra.sweeper.params.{name} reaches"
+                )
+                raise SweepConfigError(
+                    f"{where} {name}={value!r}, which the config refuses: "
+                    f"{str(err).splitlines()[0]}"
+                ) from None
         return cfg
 
 

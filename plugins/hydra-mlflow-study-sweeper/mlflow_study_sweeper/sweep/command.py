@@ -160,7 +160,7 @@ class SweepRun:
         self.study = study
         crash_point("study-created")
         if not created:
-            check_space_unchanged(study, plan.space)
+            check_space_unchanged(study, plan.space, plan.search.seen if plan.search else None)
             # a resumed study, or a second worker: the seed's sequence would repeat the first
             # worker's trials, so only the process that created the study keeps the seed
             plan.sampler.reseed_rng()
@@ -181,6 +181,7 @@ class SweepRun:
             seeds.warm_start_from,
             tracking.client,
             plan.objectives,
+            plan.search,
         ):
             print(note, flush=True)
         experiment = tracking.until_reachable(
@@ -230,6 +231,7 @@ class SweepRun:
             settings=plan.loop,
             terminated=self.terminated,
             progress=console.EpochProgress(plan.objectives.metric),
+            search=plan.search,
         )
         if plan.loop.timeout_s:
             # time is kept for the end (publishing, the report); workers share the first deadline
@@ -385,6 +387,8 @@ class SweepRun:
         }
         if objectives.multi:
             params |= {"metric": ",".join(objectives.names), "champion": objectives.rule()}
+        if plan.search is not None:
+            params["search_space"] = plan.search.path
         return {
             **{keys.SWEEPER_PARAM.format(name=k): v for k, v in params.items()},
             **{keys.SEARCH_PARAM.format(key=k): grammar.describe(d) for k, d in plan.space.items()},
@@ -398,6 +402,9 @@ class SweepRun:
             f"{console.finished(trials)}/{plan.loop.n_trials} finished"
             + (" - resuming" if trials else "")
             + f"; {plan.objectives.describe()} over "
-            + ", ".join(f"{k} {grammar.describe(d)}" for k, d in plan.space.items()),
+            + ", ".join(
+                [f"{k} {grammar.describe(d)}" for k, d in plan.space.items()]
+                + ([f"the params of {plan.search.path}"] if plan.search else [])
+            ),
             flush=True,
         )

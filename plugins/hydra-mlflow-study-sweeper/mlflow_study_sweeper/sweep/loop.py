@@ -24,6 +24,7 @@ from mlflow_study_sweeper.errors import SweepStopped
 from mlflow_study_sweeper.faults import crash_point
 from mlflow_study_sweeper.search.objectives import Objectives, ReturnFormError
 from mlflow_study_sweeper.search.samplers import ExhaustibleGridSampler
+from mlflow_study_sweeper.search.space_function import SearchFunction, SearchFunctionError
 from mlflow_study_sweeper.storage import liveness, optuna_internals
 from mlflow_study_sweeper.storage.outages import StorageUnreachable
 from mlflow_study_sweeper.storage.studies import fail_trial, optuna_quietly
@@ -94,6 +95,8 @@ class TrialLoop:
     first_number: int = 0
     last: tuple[FrozenTrial, float] | None = None  # the last trial and its seconds, not printed
     in_flight: str | None = None  # the run of the trial being trained, until it is told
+    # the search-space function: its params join each trial's after the grammar's (ask)
+    search: SearchFunction | None = None
 
     def __post_init__(self) -> None:
         # the failure budget counts the failures of trials asked since this command started,
@@ -245,11 +248,23 @@ class TrialLoop:
     def run_trial(self, trial: optuna.Trial) -> FrozenTrial:
         """Run one trial from its run's start to its end; return it as it ended."""
         trial_id = optuna_internals.trial_id(trial)
+        refused = None
+        if self.search is not None:
+            try:
+                self.search.extend(trial)  # its params join the trial's, before its run exists
+            except SearchFunctionError as err:
+                refused = str(err)[:2000]
         run_id = self.runs.trial_started(trial.number, trial.params, self.retry_tags(trial))
         crash_point("run-created")  # a run no trial records yet: SweepRuns.settle closes it
         self.in_flight = run_id
         trial.set_user_attr(keys.RUN_ID, run_id)
         crash_point("after-run-start")
+        if refused is not None:  # nothing to train: the trial fails, its run says why
+            log.warning("trial %d failed: %s", trial.number, refused)
+            outcome = Outcome(TrialState.FAIL, kind="error", reason=refused)
+            frozen = self.tell(trial, run_id, outcome)
+            self.in_flight = None
+            return frozen
         env = contract.job_environment(
             run_id, self.runs.experiment_id, self.study.study_name, trial_id, trial.number
         )

@@ -16,14 +16,20 @@ from optuna.trial import TrialState
 
 from mlflow_study_sweeper import keys
 from mlflow_study_sweeper.errors import SweepConfigError, mask_url
+from mlflow_study_sweeper.search.grammar import describe
+from mlflow_study_sweeper.search.space_function import ABSENT, SearchFunction
 from mlflow_study_sweeper.storage import optuna_internals
 from mlflow_study_sweeper.tracking import lifecycle
 
 RUN_URI = "runs:/"  # warm_start_from=runs:/<parent run id>: an earlier sweep, from MLflow
 
 
-def check_enqueue(enqueue: list[Any], space: dict[str, Any]) -> list[dict[str, Any]]:
-    """hydra.sweeper.enqueue as a list of {key: value}, each naming exactly the searched keys."""
+def check_enqueue(
+    enqueue: list[Any], space: dict[str, Any], search: SearchFunction | None = None
+) -> list[dict[str, Any]]:
+    """hydra.sweeper.enqueue as a list of {key: value}, each naming exactly the searched keys;
+    with a search-space function, every key of the grammar and any of the function's params
+    that it suggests for that set (one it omits is drawn by the sampler)."""
     out = []
     for i, params in enumerate(enqueue or []):
         if not isinstance(params, dict):
@@ -31,6 +37,8 @@ def check_enqueue(enqueue: list[Any], space: dict[str, Any]) -> list[dict[str, A
                 f"hydra.sweeper.enqueue[{i}]={params!r} is not a mapping of search keys to values"
             )
         missing, unknown = set(space) - set(params), set(params) - set(space)
+        if search is not None:
+            unknown = set()  # the function's, judged below once the grammar's are
         if missing or unknown:
             raise SweepConfigError(
                 f"hydra.sweeper.enqueue[{i}] must set exactly the searched keys "
@@ -38,13 +46,40 @@ def check_enqueue(enqueue: list[Any], space: dict[str, Any]) -> list[dict[str, A
                 f"unknown {sorted(unknown)}"
             )
         for key, value in params.items():
-            if not optuna_internals.contains(space[key], value):
+            if key in space and not optuna_internals.contains(space[key], value):
                 raise SweepConfigError(
                     f"hydra.sweeper.enqueue[{i}].{key}={value!r} is outside the search space "
                     f"{space[key]}"
                 )
+        if search is not None:
+            check_enqueued_by_function(i, params, search)
         out.append(dict(params))
     return out
+
+
+def check_enqueued_by_function(i: int, params: dict[str, Any], search: SearchFunction) -> None:
+    """An enqueued set's values for the function's params: each one a param the function
+    suggests for that set, inside its distribution."""
+    fit = search.fit(lambda name, dist: params.get(name, ABSENT), partial=True)
+    where = f"hydra.sweeper.enqueue[{i}]"
+    if fit.why == "outside the search space":
+        dist = fit.distributions[fit.name]
+        raise SweepConfigError(
+            f"{where}.{fit.name}={params[fit.name]!r} is outside the search space {dist} "
+            f"({describe(dist)}, as {search.path} suggests it for this set)"
+        )
+    if fit.why == "refused by the search-space function":
+        raise SweepConfigError(f"{where}: {fit.detail}")
+    unasked = sorted(set(params) - set(fit.params))
+    if unasked:
+        name = unasked[0]
+        also = [n for n in fit.params if keys.config_key(n) == keys.config_key(name)]
+        hint = f" (it suggests {also[0]!r})" if also else ""
+        raise SweepConfigError(
+            f"{where}.{name}: no param of that name is searched for this set, neither in "
+            f"hydra.sweeper.params nor by {search.path}{hint}; a conditional param may be "
+            f"named only where its condition holds"
+        )
 
 
 def seed_study(
@@ -54,6 +89,7 @@ def seed_study(
     warm_start_from: str | None,
     client: Any = None,
     objectives: Any = None,
+    search: SearchFunction | None = None,
 ) -> list[str]:
     """Enqueue and import once; return what to tell the user."""
     if not (enqueue or warm_start_from):
@@ -62,9 +98,9 @@ def seed_study(
         return []
     notes = []
     if warm_start_from and str(warm_start_from).startswith(RUN_URI):
-        notes.append(import_runs(study, space, str(warm_start_from), client, objectives))
+        notes.append(import_runs(study, space, str(warm_start_from), client, objectives, search))
     elif warm_start_from:
-        notes.append(import_trials(study, space, warm_start_from))
+        notes.append(import_trials(study, space, warm_start_from, search))
     for params in enqueue:
         study.enqueue_trial(params, skip_if_exists=True)
     if enqueue:
@@ -73,7 +109,12 @@ def seed_study(
     return notes
 
 
-def import_trials(study: optuna.Study, space: dict[str, Any], source_name: str) -> str:
+def import_trials(
+    study: optuna.Study,
+    space: dict[str, Any],
+    source_name: str,
+    search: SearchFunction | None = None,
+) -> str:
     try:
         source = optuna.load_study(study_name=source_name, storage=optuna_internals.storage(study))
     except KeyError:
@@ -96,15 +137,25 @@ def import_trials(study: optuna.Study, space: dict[str, Any], source_name: str) 
             or not all(math.isfinite(v) for v in trial.values)
         ):
             skipped["not complete"] += 1
+            continue
+        params, distributions = trial.params, space
+        if search is not None:  # its params as the grammar and the function ask for them now
+            fit = search.fit(lambda name, dist, had=trial.params: had.get(name, ABSENT))
+            why = fit.why or ("other parameters" if set(fit.params) != set(trial.params) else None)
+            params, distributions = fit.params, fit.distributions
         elif set(trial.params) != set(space):
-            skipped["other parameters"] += 1
+            why = "other parameters"
         elif not all(optuna_internals.contains(space[k], v) for k, v in trial.params.items()):
-            skipped["outside the search space"] += 1
+            why = "outside the search space"
+        else:
+            why = None
+        if why is not None:
+            skipped[why] += 1
         else:
             study.add_trial(
                 optuna.trial.create_trial(
-                    params=trial.params,
-                    distributions=space,
+                    params=params,
+                    distributions=distributions,
                     values=trial.values,
                     user_attrs={
                         keys.IMPORTED: f"{source_name}#{trial.number}",
@@ -123,7 +174,14 @@ def summary(imported: int, skipped: Counter[str], source: str) -> str:
     )
 
 
-def import_runs(study: optuna.Study, space: dict[str, Any], uri: str, client, objectives) -> str:
+def import_runs(
+    study: optuna.Study,
+    space: dict[str, Any],
+    uri: str,
+    client,
+    objectives,
+    search: SearchFunction | None = None,
+) -> str:
     """The complete trials of an earlier sweep, read from its MLflow runs (runs:/<parent id>).
 
     For a sweep whose Optuna storage is gone or elsewhere: each child run's params give the
@@ -157,21 +215,40 @@ def import_runs(study: optuna.Study, space: dict[str, Any], uri: str, client, ob
     runs.parent_run_id = parent_id
     for run in runs.children():
         values = [run.data.metrics.get(name) for name in objectives.names]
-        params = {key: from_param(dist, run.data.params.get(key)) for key, dist in space.items()}
+        logged = run.data.params
+        params = {
+            key: from_param(dist, logged.get(keys.config_key(key))) for key, dist in space.items()
+        }
+        distributions = space
         if run.data.tags.get(keys.STATE) != "COMPLETE":
             skipped["not complete"] += 1
-        elif any(v is None or not math.isfinite(v) for v in values):
+            continue
+        if any(v is None or not math.isfinite(v) for v in values):
             skipped[f"without {', '.join(objectives.names)}"] += 1
+            continue
+        if search is not None:  # read param by param as the grammar and the function ask
+
+            def lookup(name: str, dist: Any, logged: dict = logged) -> Any:
+                value = from_param(dist, logged.get(keys.config_key(name)))
+                return ABSENT if value is None else value
+
+            fit = search.fit(lookup)
+            why = fit.why
+            params, distributions = fit.params, fit.distributions
         elif any(v is None for v in params.values()):
-            skipped["other parameters"] += 1
+            why = "other parameters"
         elif not all(optuna_internals.contains(space[k], v) for k, v in params.items()):
-            skipped["outside the search space"] += 1
+            why = "outside the search space"
+        else:
+            why = None
+        if why is not None:
+            skipped[why] += 1
         else:
             number = run.data.tags.get(keys.TRIAL_NUMBER, "?")
             study.add_trial(
                 optuna.trial.create_trial(
                     params=params,
-                    distributions=space,
+                    distributions=distributions,
                     values=values,
                     user_attrs={
                         keys.IMPORTED: f"{uri}#{number}",

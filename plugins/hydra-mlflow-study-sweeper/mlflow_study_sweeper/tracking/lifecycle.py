@@ -37,7 +37,8 @@ def param_value(value: Any) -> str:
 
 
 def as_params(params: dict[str, Any]) -> list[Param]:
-    return [Param(k, param_value(v)[:6000]) for k, v in params.items()]
+    # a trial's `+w` (a key a search-space function added) is the run's param `w`
+    return [Param(keys.config_key(k), param_value(v)[:6000]) for k, v in params.items()]
 
 
 def as_metrics(metrics: dict[str, float | None], step: int = 0) -> list[Metric]:
@@ -272,7 +273,7 @@ class SweepRuns:
         tags = {keys.BEST_RUN_ID: best_run_id, keys.BEST_TRIAL: str(best_trial)}
         params = {}
         for key, value in best_params.items():
-            name = keys.BEST_PARAM.format(key=key)
+            name = keys.BEST_PARAM.format(key=keys.config_key(key))
             tags[name] = param_value(value)
             logged = parent.data.params.get(name)
             if logged is None:

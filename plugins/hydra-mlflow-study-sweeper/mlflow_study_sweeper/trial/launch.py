@@ -39,6 +39,7 @@ from hydra.core.utils import (
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mlflow_study_sweeper import contract
+from mlflow_study_sweeper.keys import config_key
 from mlflow_study_sweeper.search.grammar import as_override
 from mlflow_study_sweeper.trial import job_side
 from mlflow_study_sweeper.trial.job_side import TrialReporter
@@ -58,6 +59,16 @@ class Jobs(Protocol):
 def job_error(ret: JobReturn) -> BaseException | None:
     """The exception a job raised (JobReturn.return_value would print and re-raise it)."""
     return ret._return_value if ret.status == JobStatus.FAILED else None
+
+
+def selects_group(hydra_context: Any, choices: Any, name: str) -> bool:
+    """Whether the override `name=value` selects a config group's option (it changes the files
+    the config is composed of) rather than setting a value: a group of the defaults list, or,
+    with `+`, a group added to it."""
+    key = config_key(name)
+    if key in choices:
+        return True
+    return name.startswith("+") and bool(hydra_context.config_loader.get_group_options(key))
 
 
 def task_overrides(fixed: list[str], values: dict[str, Any]) -> list[str]:
@@ -110,6 +121,11 @@ class InProcessJobs:
         with read_write(self.task), open_dict(self.task):
             del self.task["hydra"]
         self.base_env = OmegaConf.to_container(base.hydra.job.env_set)
+        # config keys the last trial set: one a search-space function suggests only for some
+        # trials (a conditional param) gets its composed value back on the others
+        self.set_keys: set[str] = set()
+        self.raw: dict[str, dict[str, Any]] = {}  # a node of the task's config, uninterpolated
+        self.groups: dict[str, bool] = {}  # whether a searched name selects a config group
         # the command line's hydra.* overrides, as text (they may hold ${...})
         self.hydra_overrides = OmegaConf.to_container(config.hydra.overrides.hydra)
         self.hydra_yaml = HydraYaml()
@@ -128,7 +144,7 @@ class InProcessJobs:
             return self.run_here(number, values, env)
 
     def run_here(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn:
-        if self.through_hydra or set(self.cfg.hydra.runtime.choices) & set(values):
+        if self.through_hydra or any(self.selects_group(name) for name in values):
             cfg = self.compose_with_hydra(number, values, env)
             ret = run_job(
                 hydra_context=self.hydra_context,
@@ -142,6 +158,12 @@ class InProcessJobs:
         # the job configured its own logging; the sweep's lines go on as before
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
+
+    def selects_group(self, name: str) -> bool:
+        if name not in self.groups:
+            choices = self.cfg.hydra.runtime.choices
+            self.groups[name] = selects_group(self.hydra_context, choices, name)
+        return self.groups[name]
 
     def compose_with_hydra(
         self, number: int, values: dict[str, Any], env: dict[str, str]
@@ -158,9 +180,13 @@ class InProcessJobs:
         """The one config set to this trial, as load_sweep_config would compose it."""
         cfg = self.cfg
         task = task_overrides(self.fixed, values)
+        keys = {config_key(name) for name in values}
         with read_write(cfg), read_write(cfg.hydra), open_dict(cfg):
-            for key, value in values.items():
-                OmegaConf.update(cfg, key, value, merge=False)
+            for key in self.set_keys - keys:
+                self.restore(cfg, key)
+            for name, value in values.items():
+                OmegaConf.update(cfg, config_key(name), value, merge=False)
+            self.set_keys = keys
             job = cfg.hydra.job
             job.id = number
             job.num = number
@@ -169,7 +195,7 @@ class InProcessJobs:
             job.env_set = {**self.base_env, **env}
             dirname = job.config.override_dirname
             job.override_dirname = override_dirname(
-                zip([*self.fixed_keys, *values], task, strict=True),
+                zip([*self.fixed_keys, *map(config_key, values)], task, strict=True),
                 list(dirname.exclude_keys),
                 dirname.item_sep,
                 dirname.kv_sep,
@@ -181,6 +207,23 @@ class InProcessJobs:
             cfg.hydra.runtime.output_dir = os.path.abspath(output_dir)
         OmegaConf.copy_cache(from_config=self.config, to_config=cfg)
         return cfg
+
+    def restore(self, cfg: DictConfig, key: str) -> None:
+        """`key` as the composed config has it (its value, ??? or interpolation), or gone if
+        the composed config lacks it (a +key of an earlier trial)."""
+        parent, _, last = key.rpartition(".")
+        if parent not in self.raw:
+            node = OmegaConf.select(self.task, parent, default=None) if parent else self.task
+            self.raw[parent] = (
+                OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else {}
+            )
+        target = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if not isinstance(target, DictConfig):
+            return
+        if last in self.raw[parent]:
+            target[last] = self.raw[parent][last]
+        elif last in target:
+            del target[last]
 
     def run_job(self, config: DictConfig, values: dict[str, Any]) -> JobReturn:
         """hydra.core.utils.run_job, on a config that only this object uses: the hydra node is
@@ -197,8 +240,8 @@ class InProcessJobs:
             ret = JobReturn()
             task_cfg = copy.deepcopy(self.task)
             with read_write(task_cfg), open_dict(task_cfg):
-                for key, value in values.items():
-                    OmegaConf.update(task_cfg, key, value, merge=False)
+                for name, value in values.items():
+                    OmegaConf.update(task_cfg, config_key(name), value, merge=False)
             ret.cfg = task_cfg
             ret.hydra_cfg = config
             ret.overrides = OmegaConf.to_container(hydra.overrides.task)
