@@ -490,3 +490,39 @@ def test_a_sweep_that_gives_up_on_its_last_writes_says_where_they_are_and_a_reru
         assert [p for p in (tmp_path / "journal").rglob("*.jsonl") if p.name != "runs.jsonl"] == []
     finally:
         toy.close()
+
+
+@pytest.mark.slow
+def test_a_run_delivered_before_its_trial_records_it_gets_its_real_id_on_the_trial(
+    tmp_path, stoppable_mlflow_server
+):
+    """The soak found it (seed 3): a trial's run was created while the server was away, and the
+    relay delivered it (and told the study its real id) before the loop had recorded the run on
+    the trial, which then kept the provisional id for ever."""
+    server = stoppable_mlflow_server
+    toy = tracked_by(toy_app(tmp_path / "sweep"), server, tmp_path / "journal")
+    pause = tmp_path / "paused"
+    env = {**toy.journal_env, "SWEEP_PAUSE_AT": "run-created:2", "SWEEP_PAUSE_FILE": str(pause)}
+    args = ("hydra.sweeper.n_trials=2", "hydra.sweeper.pruner=none", "epochs=3", "epoch_seconds=1")
+    out = Output(toy.popen(*args, env=env))
+    out.wait_for("[trial 0] epoch 1/3")
+    server.stop()  # trial 1's run is created while the server is away: a provisional id
+    deadline = time.monotonic() + 120
+    while not pause.exists() and time.monotonic() < deadline:
+        assert out.proc.poll() is None, out.text()
+        time.sleep(0.2)
+    assert pause.exists(), out.text()
+    server.start()
+    mapped = list((tmp_path / "journal").rglob("runs.jsonl"))
+    deadline = time.monotonic() + 120  # the relay delivers it while the loop waits to record it
+    while time.monotonic() < deadline and not any(p.read_text().strip() for p in mapped):
+        time.sleep(0.5)
+        mapped = list((tmp_path / "journal").rglob("runs.jsonl"))
+    assert any(p.read_text().strip() for p in mapped), out.text()  # delivered, mapped
+    pause.unlink()
+    text = out.finish()
+    assert out.proc.returncode == 0, text
+    try:
+        nothing_lost(toy, n_trials=2, epochs=3)  # every trial names its run's real id
+    finally:
+        toy.close()

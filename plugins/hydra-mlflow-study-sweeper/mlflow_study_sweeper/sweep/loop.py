@@ -258,6 +258,12 @@ class TrialLoop:
         crash_point("run-created")  # a run no trial records yet: SweepRuns.settle closes it
         self.in_flight = run_id
         trial.set_user_attr(keys.RUN_ID, run_id)
+        # a run created while the tracking server was away has a provisional id; the relay
+        # tells the study its real one when it delivers it, but if it did so before the line
+        # above, the study was told nothing yet and kept the provisional one (the soak found it)
+        real = self.runs.real(run_id)
+        if real != run_id:
+            trial.set_user_attr(keys.RUN_ID, real)
         crash_point("after-run-start")
         if refused is not None:  # nothing to train: the trial fails, its run says why
             log.warning("trial %d failed: %s", trial.number, refused)
