@@ -147,9 +147,10 @@ def share_deadline(own: float) -> float:
 
 @contextmanager
 def trial_run(run_id: str) -> "Iterator[None]":
-    """MLFLOW_RUN_ID for a job run in this process. MLflow deletes the variable once it has read
-    it, and Hydra's env_set then fails to delete it again: set here too, it is restored instead
-    of deleted, and removed after the job."""
+    """MLFLOW_RUN_ID in the sweep's own environment while a trial's job runs, whatever the
+    launcher. MLflow deletes the variable once it has read it, and Hydra's env_set then fails to
+    delete it again (KeyError): set here too, it is restored instead of deleted (a launcher's
+    worker processes, such as joblib's, inherit it); removed after the job."""
     os.environ[MLFLOW_RUN_ID] = run_id
     try:
         yield

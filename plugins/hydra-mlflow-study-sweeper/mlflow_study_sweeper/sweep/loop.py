@@ -280,9 +280,11 @@ class TrialLoop:
         in_process = self.jobs.in_process
         ret = None
         try:
+            # MLFLOW_RUN_ID in this process too, for any launcher (see contract.trial_run)
             with (
                 liveness.Heartbeat(self.study, trial_id),
                 trial_deadline(self.settings.trial_timeout),
+                contract.trial_run(run_id),
             ):
                 ret = self.jobs.run(trial.number, trial.params, env, reporter)
             decided = reporter.decided() if in_process else self.decisions(trial_id)

@@ -38,7 +38,6 @@ from hydra.core.utils import (
 )
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from mlflow_study_sweeper import contract
 from mlflow_study_sweeper.keys import config_key
 from mlflow_study_sweeper.search.grammar import as_override
 from mlflow_study_sweeper.trial import job_side
@@ -140,7 +139,7 @@ class InProcessJobs:
     def run(
         self, number: int, values: dict[str, Any], env: dict[str, str], reporter: TrialReporter
     ) -> JobReturn:
-        with contract.trial_run(env[contract.MLFLOW_RUN_ID]), job_side.serving(reporter):
+        with job_side.serving(reporter):
             return self.run_here(number, values, env)
 
     def run_here(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn:
