@@ -90,28 +90,39 @@ def run_chaos(
                 break
             time.sleep(0.2)
         chaos_until = time.monotonic() + chaos_seconds
-        while proc.poll() is None and time.monotonic() < chaos_until:
+        happened: set[str] = set()
+        while proc.poll() is None:
+            # past its time, the chaos goes on only for a kind of fault that has not happened yet
+            # (on a slow machine the seeded draws may not reach every kind in the window)
+            missing = [k for k in ("kill", "tracking", "postgres") if k not in happened]
+            if time.monotonic() >= chaos_until and not missing:
+                break
             time.sleep(rng.uniform(1.0, 4.0))
             if proc.poll() is not None:
                 break
             # the same draws whatever happens, so that a seed replays the same faults
             kind = rng.choice(["kill", "kill", "tracking", "postgres"])
             pick, seconds = rng.random(), rng.uniform(*outage_s)
+            if time.monotonic() >= chaos_until:
+                kind = missing[0]
             if kind == "kill":
                 workers = sorted(children(proc.pid))
                 if workers:
                     os.kill(workers[int(pick * len(workers))], signal.SIGKILL)
                     events["workers killed"] += 1
+                    happened.add(kind)
             elif kind == "tracking":
                 server.stop()
                 time.sleep(seconds)
                 server.start()
                 events["tracking server outages"] += 1
+                happened.add(kind)
             else:
                 pg.stop("immediate")
                 time.sleep(seconds / 2)
                 pg.start()
                 events["PostgreSQL crashes"] += 1
+                happened.add(kind)
         proc.wait(timeout=max(600, n_trials * 10))
         log.close()
         code = proc.returncode

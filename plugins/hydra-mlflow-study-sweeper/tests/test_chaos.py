@@ -15,7 +15,9 @@ def test_kills_tracking_outages_and_postgres_crashes_keep_the_invariant(tmp_path
         tmp_path, n_trials=32, chaos_seconds=50, seed=seed, epoch_seconds=0.8, outage_s=(1, 5)
     )
     print(found)
-    # the seed makes every kind of fault happen (the invariant itself is checked inside)
+    # every kind of fault happened: the seed's draws, and past the window the kinds still missing
+    # (on CI's busy machine seed 77 once ended its window without a kill); the invariant is
+    # checked inside
     for fault in ("workers killed", "tracking server outages", "PostgreSQL crashes"):
         assert found.get(fault, 0) >= 1, (fault, found)
     assert found["finished"] == 32
