@@ -34,6 +34,9 @@ class TrainerConfig:
     devices: Any = 1  # one device per trial: trials are the unit of parallelism
     limit_train_batches: Any = 1.0  # a fraction or a count of batches per epoch (quick runs)
     deterministic: bool = False  # torch deterministic algorithms (slower on GPU)
+    # who lays out a run's processes: local = Lightning, on the devices given (also inside a Slurm
+    # task); slurm = Slurm's tasks, for one run started by srun with a task per device
+    cluster: str = "local"
     verbose: Any = (
         None  # Lightning's banners and progress bars: null = on for a run, off in a sweep
     )
@@ -102,6 +105,8 @@ def check_config(cfg: DictConfig | AppConfig) -> None:
             f"trainer.devices={cfg.trainer.devices}: a trial trains on one device; run trials in "
             f"parallel with hydra.sweeper.n_jobs instead"
         )
+    if cfg.trainer.cluster not in ("local", "slurm"):
+        problems.append(f"trainer.cluster={cfg.trainer.cluster!r} must be local or slurm")
     if not 0.0 < cfg.model.width <= 4.0:
         problems.append(f"model.width={cfg.model.width} must be in (0, 4]")
     names = metrics_of(cfg)
@@ -121,6 +126,12 @@ def preflight(cfg: DictConfig) -> None:
     from mnist.data import check_sizes, ensure_mnist
 
     check_config(cfg)
+    if cfg.trainer.cluster == "slurm":
+        raise ConfigValueError(
+            "trainer.cluster=slurm: a sweep's trial runs in its worker's process, not as tasks "
+            "that srun started; use trainer.cluster=local (Lightning lays out the trial's "
+            "processes on the devices its worker was given, inside a Slurm task too)"
+        )
     root = ensure_mnist(cfg.data.root, download=cfg.data.download)
     check_sizes(root, cfg.data.batch_size, cfg.data.val_size)
 

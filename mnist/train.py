@@ -7,6 +7,7 @@ except for the per-epoch report that lets a sweep prune.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -20,6 +21,8 @@ import pytorch_lightning as pl
 import torch
 from mlflow_study_sweeper import PruningCallback, continues, current_trial
 from omegaconf import DictConfig
+from pytorch_lightning.plugins.environments import LightningEnvironment, SLURMEnvironment
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from mnist import resume
 from mnist.config import check_config, flatten, metrics_of
@@ -71,12 +74,44 @@ def quiet_lightning(quiet: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+# Lightning's hint, at every Trainer and fit on a machine where Slurm's `srun` exists but did not
+# start this process (a login node, a sweep's worker in an sbatch task)
+SRUN_HINT = r"The `srun` command is available on your system but is not used"
+
+
+def cluster_environment(cluster: str) -> LightningEnvironment | SLURMEnvironment:
+    """Who lays out a run's processes (trainer.cluster).
+
+    `local` (the default): Lightning itself, on the devices this process was given (a sweep's
+    worker sets CUDA_VISIBLE_DEVICES), also inside a Slurm task, whose SLURM_* variables describe
+    the worker's task, not the trial; Lightning installs no Slurm requeue handler either, so a
+    Slurm signal reaches the sweeper's worker. `slurm`: Slurm's tasks, for one run started by
+    `srun` with a task per device.
+    """
+    return SLURMEnvironment() if cluster == "slurm" else LightningEnvironment()
+
+
+@contextlib.contextmanager
+def process_layout(cluster: str):
+    """Around the Trainer and its fit: with trainer.cluster=local the process layout is
+    Lightning's own, so its hint to start the run with `srun` is wrong and is not shown."""
+    with warnings.catch_warnings():
+        if cluster != "slurm":
+            warnings.filterwarnings("ignore", SRUN_HINT, PossibleUserWarning)
+        yield
+
+
 def build_trainer(
-    device: torch.device, callbacks: list[pl.Callback], verbose: bool, **options: Any
+    device: torch.device,
+    callbacks: list[pl.Callback],
+    verbose: bool,
+    cluster: str = "local",
+    **options: Any,
 ) -> pl.Trainer:
     quiet_lightning(not verbose)
     return pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else device.type,
+        plugins=[cluster_environment(cluster)],
         callbacks=callbacks,
         logger=False,  # metrics go to MLflow through EpochLogger, once per epoch
         enable_checkpointing=False,
@@ -169,17 +204,18 @@ def train(
     in_sweep = run_id is not None and current_trial() is not None
     if in_sweep:  # before the pruning report: the checkpoint exists once the epoch is reported
         callbacks = [*callbacks[:-1], resume.EpochCheckpoint(run_id, data.train), callbacks[-1]]
-    trainer = build_trainer(
-        device,
-        callbacks=callbacks,
-        verbose=verbose,
-        max_epochs=cfg.trainer.max_epochs,
-        devices=cfg.trainer.devices,
-        limit_train_batches=cfg.trainer.limit_train_batches,
-        deterministic=cfg.trainer.deterministic,
-    )
     continuation = continues() if in_sweep else None
-    with tempfile.TemporaryDirectory() as tmp:
+    with process_layout(cfg.trainer.cluster), tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(
+            device,
+            callbacks=callbacks,
+            verbose=verbose,
+            cluster=cfg.trainer.cluster,
+            max_epochs=cfg.trainer.max_epochs,
+            devices=cfg.trainer.devices,
+            limit_train_batches=cfg.trainer.limit_train_batches,
+            deterministic=cfg.trainer.deterministic,
+        )
         # a checkpoint is data, never code to run: weights_only
         ckpt = resume.download(continuation, tmp) if continuation else None
         trainer.fit(
