@@ -40,3 +40,19 @@ def unreachable(err: BaseException) -> bool:
         TimeoutError,
     )
     return errors.unreachable(err, kinds, also=_answered_as_outage)
+
+
+def refused(err: BaseException) -> bool:
+    """Whether `err` is the server's answer (a run deleted, a param changed): an MlflowException
+    raised from its response, with no error of this process's own under it. MLflow's client
+    wraps those as well ("API request to ... failed with exception ..."), such as the KeyError
+    that requests' read of os.environ raises while another thread sets a variable, which a
+    second try does not meet."""
+    if unreachable(err):
+        return False
+    seen: BaseException | None = err
+    while seen is not None:
+        if not isinstance(seen, MlflowException):
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mlflow_study_sweeper.errors import duration, first_line, mask_url
-from mlflow_study_sweeper.tracking.offline import unreachable
+from mlflow_study_sweeper.tracking.offline import refused, unreachable
 from mlflow_study_sweeper.tracking.relay.journal import PROVISIONAL, Journal, Shadow, is_provisional
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,15 @@ class Relay:
                     if not self.store.answers():
                         return False
                     continue
-                # the server refuses this one (a run deleted meanwhile, a changed param): the
-                # rest goes on, and the entry is kept aside with the reason
+                if not refused(err) and failures < 5:
+                    # an error of this process's own, before the server said anything (requests
+                    # reading os.environ while the sweep sets a trial's variables): again
+                    failures += 1
+                    time.sleep(0.1 * failures)
+                    continue
+                # the server refuses this one (a run deleted meanwhile, a changed param), or
+                # the same error five times: the rest goes on, and the entry is kept aside with
+                # the reason
                 self.reject(entry, err)
             failures = 0
             with self.lock:

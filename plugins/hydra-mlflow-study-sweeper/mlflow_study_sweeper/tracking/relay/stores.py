@@ -46,7 +46,7 @@ from mlflow.store.tracking.rest_store import RestStore
 from mlflow_study_sweeper import contract, keys
 from mlflow_study_sweeper.errors import first_line
 from mlflow_study_sweeper.tracking import mlflow_internals
-from mlflow_study_sweeper.tracking.offline import TrackingOffline, unreachable
+from mlflow_study_sweeper.tracking.offline import TrackingOffline, refused, unreachable
 from mlflow_study_sweeper.tracking.relay.delivery import (
     Relay,
     kept_file,
@@ -252,9 +252,9 @@ class RelayStore(RestStore):
         try:
             RestStore.search_experiments(self, max_results=1)
         except Exception as err:
-            if unreachable(err):
-                return False
-            raise
+            # an answer that refuses is an answer; an error of this process's own (requests
+            # reading os.environ while it changes) is asked again at the next probe
+            return refused(err)
         return True
 
 
