@@ -136,6 +136,9 @@ class MlflowStudySweeperConf:
     # Hydra's optuna sweeper's name for search_space, so that its configs run unchanged (set one
     # of the two, or both to the same function)
     custom_search_space: Any = None
+    # true: print where the sweep of this command stands (its trials by state, who trains what,
+    # the best so far, the time left), read from its study, and exit; nothing is created
+    status: bool = False
     # MLflow: where runs go (null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db) and the
     # experiment (null: the Hydra job's name)
     tracking_uri: Any = None

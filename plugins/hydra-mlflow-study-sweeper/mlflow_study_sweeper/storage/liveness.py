@@ -39,8 +39,15 @@ def machine_key() -> str:
 
 
 def worker_label() -> dict[str, str]:
-    """This process, as trials, the study's creator and the end's claim record it."""
-    return {"host": machine_key(), "pid": str(os.getpid())}
+    """This process, as trials, the study's creator and the end's claim record it (inside a
+    Slurm job, its id too, for a person: `status` shows it)."""
+    label = {"host": machine_key(), "pid": str(os.getpid())}
+    job = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if all(job):
+        label["slurm"] = "_".join(job)
+    elif os.environ.get("SLURM_JOB_ID"):
+        label["slurm"] = os.environ["SLURM_JOB_ID"]
+    return label
 
 
 def label_of(value: dict[str, Any]) -> dict[str, str]:

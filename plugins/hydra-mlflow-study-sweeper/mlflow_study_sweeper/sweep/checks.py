@@ -30,6 +30,7 @@ from mlflow_study_sweeper.storage import optuna_internals
 from mlflow_study_sweeper.storage.outages import DEFAULT_LIMIT_S
 from mlflow_study_sweeper.storage.studies import StudySettings, check_storage
 from mlflow_study_sweeper.sweep.loop import LoopSettings
+from mlflow_study_sweeper.sweep.status import StatusPlan
 from mlflow_study_sweeper.sweep.warm import check_enqueue
 from mlflow_study_sweeper.tracking import store
 from mlflow_study_sweeper.tracking.store import TrackingSettings
@@ -88,6 +89,24 @@ class Checks:
             return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         except HydraException as err:
             raise SweepConfigError(str(err).splitlines()[0]) from None
+
+    @property
+    def wants_status(self) -> bool:
+        return bool(self.s.status)
+
+    def status_plan(self) -> StatusPlan:
+        """What hydra.sweeper.status=true reads: the study's place and name, checked, and what
+        it optimises; the search space, the app and the tracking store are not needed."""
+        s = self.s
+        self.check_numbers()
+        storage = store.absolute_uri(str(s.storage), self.start_dir) if s.storage else None
+        return StatusPlan(
+            url=storage,
+            name=str(s.study_name),
+            objectives=Objectives.from_settings(s.direction, s.metric, s.champion),
+            n_trials=s.n_trials,
+            n_jobs=s.n_jobs,
+        )
 
     def plan(self, arguments: list[str]) -> Plan:
         """Every setting checked, and both stores probed without creating anything."""

@@ -28,6 +28,7 @@ from mlflow_study_sweeper.search.grammar import check_space_unchanged
 from mlflow_study_sweeper.storage import liveness, optuna_internals
 from mlflow_study_sweeper.storage.outages import StorageUnreachable
 from mlflow_study_sweeper.storage.studies import open_or_explain
+from mlflow_study_sweeper.sweep import status
 from mlflow_study_sweeper.sweep.checks import Checks, Plan
 from mlflow_study_sweeper.sweep.loop import Ending, LoopEnd, TrialLoop
 from mlflow_study_sweeper.sweep.warm import seed_study
@@ -103,6 +104,9 @@ class SweepRun:
         self.terminated = threading.Event()
 
     def run(self, arguments: list[str]) -> Any:
+        if self.checks.wants_status:
+            print(status.report(self.checks.status_plan()), flush=True)
+            return []
         plan = self.checks.plan(arguments)
         try:
             with sigterm_as_interrupt(self.terminated):
