@@ -33,6 +33,13 @@ def test_command_line_sweeps_join_and_fixed_values_leave_the_space():
     assert fixed == ["model.dropout=0.2"]
 
 
+def test_a_command_line_sweep_of_a_key_the_config_lacks_keeps_its_plus():
+    space, fixed = parse({}, ["+z=choice(1,2)", "++w=interval(0, 1)", "x=interval(0, 1)"])
+    assert set(space) == {"+z", "++w", "x"} and fixed == []
+    space, fixed = parse({}, ["+z=choice(1,2)", "z=3"])  # a fixed value still takes it out
+    assert space == {} and fixed == ["z=3"]
+
+
 @pytest.mark.parametrize(
     "expr, message",
     [

@@ -106,6 +106,25 @@ def test_a_sweep_makes_a_parent_run_a_child_per_trial_and_resumes(tmp_path):
 # ---- samplers --------------------------------------------------------------------------------
 
 
+def test_a_command_line_sweep_may_add_a_key_the_config_lacks(tmp_path):
+    """`+z=choice(1,2)`: each trial's override adds z (the `+` stays in the Optuna param's
+    name, as a search-space function's `+w`); the run's param is `z`."""
+    toy = ToyApp(tmp_path)
+    ok(toy.run("hydra.sweeper.n_trials=3", "+z=choice(1,2)"))
+    trials = toy.study().get_trials()
+    assert [set(t.params) for t in trials] == [{"x", "y", "+z"}] * 3
+    (parent,), children = toy.runs()
+    assert parent.data.params["search.z"] == "choice(1, 2)"
+    for t in trials:
+        assert by_number(children)[t.number].data.params["z"] == str(t.params["+z"])
+        overrides = (toy.sweep_dir / str(t.number) / ".hydra" / "overrides.yaml").read_text()
+        assert f"+z={t.params['+z']}" in overrides
+    proc = toy.run("hydra.sweeper.n_trials=1", "x=choice(1,2)", "+x=choice(1,2)")
+    assert error_lines(proc) == [
+        "Error: the search space names x more than once (x, +x): keep one"
+    ], proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "name, cls",
     # tpe, the default, runs in the first test; random in the pruning test

@@ -182,12 +182,16 @@ def parse(
         where = f"{bad} cannot be parsed: " if bad else ""
         raise SweepConfigError(f"{where}{_why(err)}; a search space uses {GRAMMAR}") from None
     for override in overrides:
-        key = override.get_key_element().lstrip("+~")
+        element = override.get_key_element()
+        key = element.lstrip("+~")
         if override.is_sweep_override():
-            space[key] = distribution(override)
+            # `+z=choice(1, 2)` searches a key the config lacks: the `+` stays in the param's
+            # name, so that each trial's override adds it (as a search-space function's `+w`)
+            space[element if element.startswith("+") else key] = distribution(override)
         else:
             # a value fixed on the command line takes the key out of the search space
-            space.pop(key, None)
+            for name in (key, f"+{key}", f"++{key}"):
+                space.pop(name, None)
             fixed.append(override.input_line)
     return space, fixed
 

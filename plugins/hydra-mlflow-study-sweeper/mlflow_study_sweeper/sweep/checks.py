@@ -280,8 +280,20 @@ class Checks:
                 "hydra.sweeper.params.x='interval(0, 1)', or sweep a key: x='interval(0, 1)', "
                 "or name a function that suggests params in hydra.sweeper.search_space"
             )
+        named = [config_key(k) for k in space]
+        twice = sorted({k for k in named if named.count(k) > 1})
+        if twice:
+            forms = ", ".join(k for k in space if config_key(k) in twice)
+            raise SweepConfigError(
+                f"the search space names {', '.join(twice)} more than once ({forms}): keep one"
+            )
         for key in space:
-            if OmegaConf.select(base, key, default="__missing__") == "__missing__":
+            # `+key` adds a key the config lacks (Hydra refuses it where the key exists: the
+            # corners, composed next, say so)
+            if (
+                not key.startswith("+")
+                and OmegaConf.select(base, key, default="__missing__") == "__missing__"
+            ):
                 raise SweepConfigError(
                     f"hydra.sweeper.params.{key}: the config has no key {key!r} to search over"
                 )

@@ -395,7 +395,10 @@ class SweepRun:
             params["search_space"] = plan.search.path
         return {
             **{keys.SWEEPER_PARAM.format(name=k): v for k, v in params.items()},
-            **{keys.SEARCH_PARAM.format(key=k): grammar.describe(d) for k, d in plan.space.items()},
+            **{
+                keys.SEARCH_PARAM.format(key=keys.config_key(k)): grammar.describe(d)
+                for k, d in plan.space.items()
+            },
         }
 
     def print_plan(self, plan: Plan, study: optuna.Study) -> None:
