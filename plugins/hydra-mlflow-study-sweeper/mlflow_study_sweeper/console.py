@@ -22,6 +22,27 @@ def short(value: Any) -> str:
     return str(value)
 
 
+def short_names(names: list[str]) -> dict[str, str]:
+    """Each dotted key by its shortest ending that no other key of `names` shares: `lr` for
+    model.lr alone, `model.lr` and `optimizer.lr` when both are searched (without a `+`)."""
+    keys_ = {name: keys.config_key(name) for name in names}  # `+w` is the config's w
+    out = {}
+    for name, key in keys_.items():
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            ending = ".".join(parts[-n:])
+            others = (o for o in keys_.values() if o != key)
+            if not any(o == ending or o.endswith("." + ending) for o in others):
+                break
+        out[name] = ending
+    return out
+
+
+def params_text(params: dict[str, Any]) -> str:
+    names = short_names(list(params))
+    return " ".join(f"{names[k]}={short(v)}" for k, v in params.items())
+
+
 def number(value: float) -> str:
     """An objective's value: 0.9812, or 87486 for a count (a parameter count, a latency in us)."""
     return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.0f}"
@@ -45,7 +66,7 @@ def progress_line(
     seconds: float,
     seconds_left: float | None,
 ) -> str:
-    params = " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in trial.params.items())
+    params = params_text(trial.params)
     if trial.values is not None:
         value = " ".join(f"{k}={number(v)}" for k, v in objectives.of(trial).items())
     else:
@@ -130,7 +151,7 @@ def table(study: optuna.Study, objectives: Objectives) -> str:
     front = {t.number for t in objectives.front(study)} if objectives.multi else set()
     header = [
         "#",
-        *[k.split(".")[-1] for k in param_keys],
+        *short_names(param_keys).values(),
         *objectives.names,
         "state",
         "seconds",

@@ -106,6 +106,17 @@ def test_a_sweep_makes_a_parent_run_a_child_per_trial_and_resumes(tmp_path):
 # ---- samplers --------------------------------------------------------------------------------
 
 
+def test_the_console_names_params_by_the_shortest_ending_that_tells_them_apart(tmp_path):
+    proc = ToyApp(tmp_path).run(
+        "hydra.sweeper.n_trials=2", "+a.lr=choice(1)", "+b.lr=choice(3)", "hydra.sweeper.seed=0"
+    )
+    ok(proc)
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("[trial 0] ") and " a.lr=1 b.lr=3 " in line for line in lines)
+    (header,) = [line for line in lines if line.lstrip().startswith("#")]
+    assert header.split()[:5] == ["#", "a.lr", "b.lr", "x", "y"], header
+
+
 def test_a_command_line_sweep_may_add_a_key_the_config_lacks(tmp_path):
     """`+z=choice(1,2)`: each trial's override adds z (the `+` stays in the Optuna param's
     name, as a search-space function's `+w`); the run's param is `z`."""

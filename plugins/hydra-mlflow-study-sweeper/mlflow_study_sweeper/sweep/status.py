@@ -90,7 +90,7 @@ def running_line(trial: FrozenTrial, objectives: Objectives, now: float) -> str:
     """'trial 12 (dropout=0.2 lr=0.001): epoch 3 val_acc=0.9712, 1m 05s, on host pid 4242'."""
     if trial.state == TrialState.WAITING:
         return f"trial {trial.number}: waiting for a worker (enqueued)"
-    params = " ".join(f"{k.split('.')[-1]}={console.short(v)}" for k, v in trial.params.items())
+    params = console.params_text(trial.params)
     host, pid = keys.worker(trial)
     where = f"on {liveness.host_name(host)} pid {pid}" if host else "no worker has taken it yet"
     label = trial.system_attrs.get(keys.WORKER) or {}
