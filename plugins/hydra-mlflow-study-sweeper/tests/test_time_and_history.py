@@ -10,6 +10,8 @@ import yaml
 from harness import check_invariant, ok, toy_app
 from optuna.trial import TrialState
 
+from mlflow_study_sweeper import keys
+
 
 def test_the_time_budget_stops_a_long_trial_at_an_epoch_and_the_end_still_runs(toy):
     started = time.time()
@@ -166,6 +168,40 @@ def test_a_warm_start_from_an_earlier_sweeps_mlflow_runs(toy):
         assert t.params == source.params and t.value == source.value
     assert f"warm start: imported {len(inside)} trial(s) of the sweep of run" in proc.stdout
     assert f"skipped {8 - len(inside)} outside the search space" in proc.stdout
+
+
+def test_a_warm_start_from_runs_reads_a_choice_of_null_back(toy):
+    """A choice of null (a search-space function's: the grammar has none) is logged as the
+    param "None", and read back as None: a value, not a param the run lacks (such trials were
+    skipped as "other parameters")."""
+    space = (
+        "hydra.sweeper.search_space=spaces.adds_mode_or_null",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.seed=0",
+    )
+    ok(
+        toy.run(
+            "hydra.sweeper.study_name=last-week", "hydra.sweeper.n_trials=6", "epochs=0", *space
+        )
+    )
+    results = yaml.safe_load((toy.path / "multirun" / "optimization_results.yaml").read_text())
+    earlier = toy.study("last-week").get_trials()
+    assert {t.params["+mode"] for t in earlier} == {None, "fast"}
+    fresh = toy_app(toy.path, storage=f"sqlite:///{toy.path}/fresh.db")
+    proc = fresh.run(
+        "hydra.sweeper.study_name=this-week",
+        f"hydra.sweeper.warm_start_from=runs:/{results['parent_run_id']}",
+        "hydra.sweeper.n_trials=1",
+        *space,
+    )
+    ok(proc)
+    try:
+        imported = [t for t in fresh.study("this-week").get_trials() if keys.is_imported(t)]
+    finally:
+        fresh.close()
+    assert sorted(map(str, (t.params["+mode"] for t in imported))) == sorted(
+        map(str, (t.params["+mode"] for t in earlier))
+    )
 
 
 @pytest.mark.slow

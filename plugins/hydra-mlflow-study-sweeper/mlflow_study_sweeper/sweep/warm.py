@@ -229,13 +229,12 @@ def import_runs(
         if search is not None:  # read param by param as the grammar and the function ask
 
             def lookup(name: str, dist: Any, logged: dict = logged) -> Any:
-                value = from_param(dist, logged.get(keys.config_key(name)))
-                return ABSENT if value is None else value
+                return from_param(dist, logged.get(keys.config_key(name)))
 
             fit = search.fit(lookup)
             why = fit.why
             params, distributions = fit.params, fit.distributions
-        elif any(v is None for v in params.values()):
+        elif any(v is ABSENT for v in params.values()):
             why = "other parameters"
         elif not all(optuna_internals.contains(space[k], v) for k, v in params.items()):
             why = "outside the search space"
@@ -261,16 +260,17 @@ def import_runs(
 
 
 def from_param(dist: optuna.distributions.BaseDistribution, text: str | None) -> Any:
-    """A logged MLflow param (a string) as a value of `dist`, or None."""
+    """A logged MLflow param (a string) as a value of `dist`; ABSENT when the run has none or
+    it is not one (a choice of null is logged "None": it is None, a value like the others)."""
     if text is None:
-        return None
+        return ABSENT
     try:
         if isinstance(dist, optuna.distributions.FloatDistribution):
             return float(text)
         if isinstance(dist, optuna.distributions.IntDistribution):
-            return int(float(text)) if float(text).is_integer() else None
+            return int(float(text)) if float(text).is_integer() else ABSENT
         if isinstance(dist, optuna.distributions.CategoricalDistribution):
-            return next((c for c in dist.choices if lifecycle.param_value(c) == text), None)
+            return next((c for c in dist.choices if lifecycle.param_value(c) == text), ABSENT)
     except ValueError:
-        return None
-    return None
+        return ABSENT
+    return ABSENT

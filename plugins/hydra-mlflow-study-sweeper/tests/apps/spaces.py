@@ -7,6 +7,10 @@ def adds_w(cfg: DictConfig, trial) -> None:
     trial.suggest_float("+w", 0.0, 1.0)  # a new key, as in Hydra's example
 
 
+def adds_mode_or_null(cfg: DictConfig, trial) -> None:
+    trial.suggest_categorical("+mode", [None, "fast"])  # a choice of null (the grammar has none)
+
+
 def adds_w_as_int(cfg: DictConfig, trial) -> None:
     trial.suggest_int("+w", 0, 1)  # adds_w's param, of another kind
 
