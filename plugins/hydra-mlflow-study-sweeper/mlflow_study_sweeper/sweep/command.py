@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from mlflow_study_sweeper import console, contract, keys
 from mlflow_study_sweeper.backends.local import WorkerPool
 from mlflow_study_sweeper.backends.ray import RayWorkers
+from mlflow_study_sweeper.backends.slurm import SlurmWorkers
 from mlflow_study_sweeper.end.finish import SweepEnd
 from mlflow_study_sweeper.errors import SweepError, mask_url
 from mlflow_study_sweeper.faults import crash_point
@@ -249,10 +250,10 @@ class SweepRun:
         try:
             if not self.is_worker:
                 workers.start()
-            # Ray's actors train while this process watches; local workers train beside it
-            ending = (
-                loop.watch(workers, poll_s=0.25) if isinstance(workers, RayWorkers) else loop.run()
-            )
+            # Ray's actors and Slurm's tasks train while this process watches; local workers
+            # train beside it
+            watched = isinstance(workers, (RayWorkers, SlurmWorkers))
+            ending = loop.watch(workers, poll_s=0.25) if watched else loop.run()
             workers.wait()
             return ending
         except (KeyboardInterrupt, SystemExit) as err:
@@ -310,8 +311,20 @@ class SweepRun:
             tags=lifecycle.as_tags({keys.STOPPED_BY_BUDGET: str(out_of_budget or stopped > 0)}),
         )
 
-    def workers(self, loop: TrialLoop, plan: Plan) -> WorkerPool | RayWorkers:
+    def workers(self, loop: TrialLoop, plan: Plan) -> WorkerPool | RayWorkers | SlurmWorkers:
         w = plan.workers
+        if w.slurm is not None and not self.is_worker:
+            sweep_dir = self.start_dir / str(self.config.hydra.sweep.dir)  # (absolute stays)
+            return SlurmWorkers(
+                w.n_jobs,
+                cpu=w.cpu,
+                gpu=w.gpu,
+                settings=w.slurm,
+                folder=sweep_dir / "slurm",
+                start_dir=self.start_dir,
+                name=plan.study.name,
+                on_death=lambda label, why: self.worker_lost(loop, label, why),
+            )
         if plan.cluster is None:
             return WorkerPool(
                 w.n_jobs, lambda pid, code: self.worker_died(loop, pid), cpu=w.cpu, gpu=w.gpu
@@ -339,8 +352,9 @@ class SweepRun:
     def worker_lost(
         self, loop: TrialLoop, label: dict[str, str] | None, why: str
     ) -> tuple[bool, bool]:
-        """A Ray worker is gone (its node, say): fail its trial now, so that another worker
-        continues it from its checkpoint; (whether work is left, whether it trained a trial)."""
+        """A Ray worker (its node, say) or a Slurm task is gone: fail its trial now, so that
+        another worker continues it from its checkpoint; (whether work is left, whether it
+        trained a trial)."""
         if label is not None:
             for number in liveness.fail_trials_of(loop.study, label, why):
                 log.warning("trial %d is marked FAIL: %s", number, why)
