@@ -166,6 +166,46 @@ def test_a_task_stopped_mid_trial_is_replaced_and_its_trial_continued(
     assert slurm.jobs() == []
 
 
+@pytest.mark.slow
+def test_sigterm_on_the_watching_command_cancels_its_tasks_and_a_rerun_resumes(
+    slurm, shared_toy, tmp_path
+):
+    toy = shared_toy
+    marker = tmp_path / "paused"
+    sweep = (SLURM, "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4", "checkpoint=true")
+    sweep += ("hydra.sweeper.pruner=null", "epochs=6", "epoch_seconds=0.3")
+    proc = toy.popen(
+        *sweep,
+        env={
+            **slurm.env,
+            "SWEEP_PAUSE_AT": "epoch-reported:3",
+            "SWEEP_PAUSE_FILE": str(marker),
+            "SWEEP_FAULT_ROLE": "worker",
+            "SWEEP_FAULT_ONCE": str(tmp_path / "once"),
+        },
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        assert len(slurm.jobs()) == 2
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, out[-4000:]
+    assert "Traceback" not in out and "Sweep interrupted (SIGTERM)" in out
+    assert slurm.jobs() == []  # cancelled, and gone before the command exited
+    trials = toy.study().get_trials()
+    assert [t.number for t in trials if t.state == TrialState.RUNNING] == []
+    assert [r.info.run_name for r in toy.all_runs() if r.info.status == "RUNNING"] == []
+    ok(toy.spawn(*sweep, env=slurm.env))
+    check_invariant(toy, n_trials=4)
+
+
 # ---- refusals: one Error line, nothing created (no study, no run, no job) --------------------
 
 
@@ -220,6 +260,8 @@ def test_a_store_on_this_machine_is_refused(slurm, postgres, tmp_path, store):
             ["hydra.sweeper.slurm.partition=gpu"],
             "Slurm has no partition 'gpu'; its partitions: main",
         ),
+        (["hydra.sweeper.slurm.time=soon"], "sbatch refuses the workers' options (sbatch: "),
+        (["+hydra.sweeper.slurm.options.nodes=2"], "sbatch refuses the workers' options ("),
     ],
 )
 def test_resources_the_partition_lacks_are_refused(slurm, postgres, tmp_path, overrides, said):

@@ -159,6 +159,48 @@ def check_partition(settings: SlurmSettings, layout: Layout) -> None:
         )
 
 
+def directives(settings: SlurmSettings, layout: Layout, name: str, folder: Path) -> list[str]:
+    """The script's #SBATCH lines: the array, a task's resources, the settings' options."""
+    options = {
+        "job-name": name,
+        "array": f"0-{layout.tasks - 1}",
+        "cpus-per-task": str(layout.cpus_per_task),
+        "output": str(folder / "%A_%a.out"),
+    }
+    if layout.gpus_per_task:
+        options["gres"] = f"gpu:{layout.gpus_per_task}"
+    for key in ("partition", "time", "account", "qos"):
+        if getattr(settings, key) is not None:
+            options[key] = str(getattr(settings, key))
+    options |= settings.options
+    return [f"#SBATCH --{k}={v}" if v != "" else f"#SBATCH --{k}" for k, v in options.items()]
+
+
+def check_submission(settings: SlurmSettings, layout: Layout, name: str, folder: Path) -> None:
+    """sbatch --test-only with the workers' options (time, account, qos, the rest): Slurm
+    itself says what it refuses, and submits nothing."""
+    lines = directives(settings, layout, name, folder)
+    script = "\n".join(["#!/bin/bash", *lines, "true", ""])
+    try:
+        out = subprocess.run(
+            ["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        out = subprocess.CompletedProcess([], 1, "", "sbatch: no answer in 60 s")
+    if out.returncode != 0:
+        raise SweepConfigError(
+            f"hydra.sweeper.slurm: sbatch refuses the workers' options "
+            f"({first_line(out.stderr)}); they are: "
+            + " ".join(line.removeprefix("#SBATCH ") for line in lines)
+        )
+
+
+def expand(indexes: str) -> list[int]:
+    """sbatch's --array value (0-3, or 2) as the indexes."""
+    first, _, last = indexes.partition("-")
+    return list(range(int(first), int(last or first) + 1))
+
+
 def gpu_count(gres: str) -> int:
     """GPUs in sinfo's %G: gpu:2, gpu:a100:4(S:0-1), several comma-separated; (null): 0."""
     return sum(int(m.group(1)) for m in re.finditer(r"\bgpu(?::[^:,(]+)?:(\d+)", gres))
@@ -219,22 +261,6 @@ class SlurmWorkers:
         ]
         return worker_command(argv, extra)
 
-    def directives(self) -> list[str]:
-        s, lay = self.settings, self.layout
-        options = {
-            "job-name": self.name,
-            "array": f"0-{lay.tasks - 1}",
-            "cpus-per-task": str(lay.cpus_per_task),
-            "output": str(self.folder / "%A_%a.out"),
-        }
-        if lay.gpus_per_task:
-            options["gres"] = f"gpu:{lay.gpus_per_task}"
-        for key in ("partition", "time", "account", "qos"):
-            if getattr(s, key) is not None:
-                options[key] = str(getattr(s, key))
-        options |= s.options
-        return [f"#SBATCH --{k}={v}" if v != "" else f"#SBATCH --{k}" for k, v in options.items()]
-
     def write_script(self) -> dict[str, str]:
         """The batch script (no password in it); the variables only the environment carries."""
         command, env = self.command()
@@ -246,7 +272,7 @@ class SlurmWorkers:
             f"# the workers of sweep {self.name!r} (hydra-mlflow-study-sweeper, backend=slurm).",
             "# Submit again with `sbatch --array=I` from a shell that exports the sweep's",
             "# stores (SWEEP_STORAGE_URL, MLFLOW_TRACKING_URI and their passwords' variables).",
-            *self.directives(),
+            *directives(self.settings, self.layout, self.name, self.folder),
             *self.settings.setup,
             f"cd {shlex.quote(str(self.start_dir))}",
             f"export {contract.WORKER}=1 OMP_NUM_THREADS={lay.threads}",
@@ -286,7 +312,10 @@ class SlurmWorkers:
                 f"sbatch refused the workers ({first_line(out.stderr)}); the script is "
                 f"{self.script}. Finished trials are kept: rerun the command to resume"
             )
-        return out.stdout.strip().split(";")[0]
+        job = out.stdout.strip().split(";")[0]
+        for index in expand(indexes):  # a cluster started afresh numbers its jobs from 1 again
+            self.exit_file(Task(job, index)).unlink(missing_ok=True)
+        return job
 
     def start(self) -> None:
         self.secrets = self.write_script()

@@ -129,10 +129,7 @@ class Checks:
         store.check_store(uri, probe_server=not contract.is_worker())
         workers = self.workers()
         if on_slurm:
-            slurm.check_stores(storage, uri)
-            slurm.check_partition(
-                workers.slurm, slurm.Layout.of(s.n_jobs, workers.cpu, workers.gpu)
-            )
+            self.check_slurm(storage, uri, workers)
         cluster = self.cluster(storage, uri, workers)
         loop = LoopSettings(
             n_trials=s.n_trials,
@@ -251,6 +248,15 @@ class Checks:
             runtime_env=dict(ray.runtime_env) if ray.runtime_env else None,
             slurm=self.slurm() if self.s.backend == "slurm" else None,
         )
+
+    def check_slurm(self, storage: str | None, uri: str, workers: WorkerSettings) -> None:
+        """backend=slurm: stores every node reaches, a node of the partition that holds a task,
+        and options sbatch accepts (asked with --test-only: nothing is submitted)."""
+        slurm.check_stores(storage, uri)
+        layout = slurm.Layout.of(workers.n_jobs, workers.cpu, workers.gpu)
+        slurm.check_partition(workers.slurm, layout)
+        folder = self.start_dir / str(self.config.hydra.sweep.dir) / "slurm"
+        slurm.check_submission(workers.slurm, layout, str(self.s.study_name), folder)
 
     def slurm(self) -> slurm.SlurmSettings:
         """hydra.sweeper.slurm: text options, text setup lines."""
