@@ -1,13 +1,14 @@
 """A real single-node Slurm cluster for tests: slurmctld and slurmd of this machine with 2 CPUs
-and 2 fake GPUs (character devices that gres.conf names), in a folder of its own, no
-accounting database. Installed from Debian when missing (as root); munged started if it is not
-running. Every daemon started here is stopped at the end. (The setup is the engineering guide's,
-"Slurm on this machine".)
+and 2 fake GPUs (character devices that gres.conf names), and a munged of its own, in a folder of
+its own (on its own ports and socket: pytest-xdist's workers each start one), no accounting
+database. Installed from Debian when missing (as root). Every daemon started here is stopped at
+the end. (The setup is the engineering guide's, "Slurm on this machine".)
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -20,8 +21,6 @@ from pathlib import Path
 import pytest
 from servers import free_port
 
-MUNGE_PID = Path("/run/munge/munged.pid")
-
 
 def _install() -> None:
     if shutil.which("sbatch") and shutil.which("slurmctld") and shutil.which("munged"):
@@ -29,10 +28,17 @@ def _install() -> None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("Slurm is not installed and this is not root: apt-get install slurm-wlm munge")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "slurm-wlm", "munge"]
-    if subprocess.run(install, capture_output=True, env=env).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env)
-        subprocess.run(install, check=True, capture_output=True, env=env)
+    # pytest-xdist's workers each get here: one installs, the others wait for it; apt waits for
+    # another installer (the PostgreSQL fixture's)
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-qq"]
+    install = [*apt, "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"]
+    with open(Path(tempfile.gettempdir()) / "mnist-sweep-slurm-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if shutil.which("sbatch") and shutil.which("slurmctld") and shutil.which("munged"):
+            return
+        if subprocess.run(install, capture_output=True, env=env).returncode != 0:
+            subprocess.run([*apt, "update"], check=True, capture_output=True, env=env)
+            subprocess.run(install, check=True, capture_output=True, env=env)
 
 
 def _pid_in(path: Path) -> int | None:
@@ -68,7 +74,7 @@ class SlurmCluster:
         self.node = socket.gethostname().split(".")[0]
         self.conf = self.folder / "slurm.conf"
         self.env = {"SLURM_CONF": str(self.conf)}
-        self.started_munge = False
+        self.munge = self.folder / "munge"
         self.write_config()
 
     def write_config(self) -> None:
@@ -80,7 +86,7 @@ class SlurmCluster:
         self.conf.write_text(
             f"ClusterName=tests\nSlurmctldHost={self.node}(127.0.0.1)\nSlurmUser=root\n"
             f"SlurmctldPort={free_port()}\nSlurmdPort={free_port()}\n"
-            f"AuthInfo=cred_expire=10\nProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n"
+            f"AuthInfo=cred_expire=10,socket={self.munge}/socket\nProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n"
             "SelectType=select/cons_tres\nSelectTypeParameters=CR_Core\n"
             "AccountingStorageType=accounting_storage/none\nJobAcctGatherType=jobacct_gather/none\n"
             "MailProg=/bin/true\nReturnToService=2\nMpiDefault=none\nKillWait=5\n"
@@ -97,13 +103,14 @@ class SlurmCluster:
         )
 
     def start(self) -> None:
-        if _pid_in(MUNGE_PID) is None:
-            subprocess.run(
-                ["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"],
-                check=True,
-            )
-            subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
-            self.started_munge = True
+        self.folder.chmod(0o755)  # munged runs as its own user, with its files in munge/
+        m = self.munge
+        subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", m], check=True)
+        subprocess.run(
+            ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force", f"--socket={m}/socket",
+             f"--pid-file={m}/pid", f"--log-file={m}/log", f"--seed-file={m}/seed"],
+            check=True,
+        )  # fmt: skip
         env = dict(os.environ, **self.env)
         for daemon in ("slurmctld", "slurmd"):
             subprocess.run([daemon, "-f", str(self.conf)], check=True, env=env)
@@ -130,8 +137,7 @@ class SlurmCluster:
             self.run("scancel", "--user=root")
         for daemon in ("slurmd", "slurmctld"):
             _stop(_pid_in(self.folder / f"{daemon}.pid"))
-        if self.started_munge:
-            _stop(_pid_in(MUNGE_PID))
+        _stop(_pid_in(self.munge / "pid"))
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -83,6 +83,8 @@ def test_four_workers_share_two_gpus_in_two_tasks_and_the_invariant_holds(slurm,
     runs = {r.info.run_id: r for r in toy.all_runs()}
     workers = set()
     for trial in toy.study().get_trials():
+        if trial.system_attrs.get("failure") == "surplus":  # asked by two workers at once
+            continue
         label = trial.system_attrs[keys.WORKER]
         workers.add((label["slurm"], label["pid"]))
         run = runs[trial.user_attrs["mlflow_run_id"]]

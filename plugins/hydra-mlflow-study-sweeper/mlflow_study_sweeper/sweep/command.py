@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import mlflow
 import optuna
@@ -69,19 +69,26 @@ def run_sweep(
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt(terminated: threading.Event):
+def sigterm_as_interrupt(terminated: threading.Event, interrupted: threading.Event):
     """SIGTERM (a scheduler's preemption) stops the sweep as Ctrl-C does, then exits 143;
-    `terminated` tells the two apart."""
+    `terminated` tells the two apart. `interrupted` is set by either: a KeyboardInterrupt raised
+    inside a database call comes out as the driver's error (psycopg cancels the query)."""
 
     def stop(signum, frame):
         terminated.set()
+        interrupted.set()
         raise KeyboardInterrupt("SIGTERM")
 
+    def interrupt(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
     terminated.clear()
+    interrupted.clear()
     previous = signal.signal(signal.SIGTERM, stop)
     # a shell that starts a command in the background (`cmd &`) makes it ignore SIGINT, and
     # Python then never raises KeyboardInterrupt: `kill -INT` must stop a sweep cleanly anyway
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_int = signal.signal(signal.SIGINT, interrupt)
     try:
         yield
     finally:
@@ -103,6 +110,7 @@ class SweepRun:
         self.checks = Checks(settings, hydra_context, config, self.launcher, self.start_dir)
         self.study: optuna.Study | None = None
         self.terminated = threading.Event()
+        self.interrupted = threading.Event()
 
     def run(self, arguments: list[str]) -> Any:
         if self.checks.wants_status:
@@ -110,7 +118,7 @@ class SweepRun:
             return []
         plan = self.checks.plan(arguments)
         try:
-            with sigterm_as_interrupt(self.terminated):
+            with sigterm_as_interrupt(self.terminated, self.interrupted):
                 return self.sweep(plan)
         finally:
             optuna_internals.close(self.study)
@@ -257,20 +265,10 @@ class SweepRun:
             workers.wait()
             return ending
         except (KeyboardInterrupt, SystemExit) as err:
-            workers.stop()
-            loop.recover()
-            code = 143 if self.terminated.is_set() else 130
-            why = "SIGTERM" if self.terminated.is_set() else type(err).__name__
-            where = mask_url(plan.study.url) if plan.study.url else "memory"
-            print(
-                f"\nSweep interrupted ({why}); finished trials are kept in {where}. Resume with "
-                f"the same command.",
-                file=sys.stderr,
-            )
-            if not self.is_worker:
-                runs.close_parent("KILLED", {keys.SWEEP_STATE: "interrupted"})
-            sys.exit(code)
+            self.stop_interrupted(workers, loop, runs, plan, type(err).__name__)
         except StorageUnreachable as err:
+            if self.interrupted.is_set():  # the signal, raised inside a database call
+                self.stop_interrupted(workers, loop, runs, plan, "KeyboardInterrupt")
             # nothing can be read or written in the study; the runs are closed, and the rerun
             # fails the trial that was in flight and settles its run
             workers.stop()
@@ -279,11 +277,31 @@ class SweepRun:
                 runs.close_parent("FAILED", {keys.SWEEP_STATE: "storage_unreachable"})
             raise
         except BaseException:
+            if self.interrupted.is_set():  # the signal, raised inside a database call
+                self.stop_interrupted(workers, loop, runs, plan, "KeyboardInterrupt")
             workers.stop()
             loop.recover()
             if not self.is_worker:
                 runs.close_parent("FAILED", {keys.SWEEP_STATE: "failed"})
             raise
+
+    def stop_interrupted(
+        self, workers: Any, loop: TrialLoop, runs: SweepRuns, plan: Plan, what: str
+    ) -> NoReturn:
+        """Ctrl-C or SIGTERM: the workers stopped, every trial and run closed; exit 130 or 143."""
+        workers.stop()
+        loop.recover()
+        code = 143 if self.terminated.is_set() else 130
+        why = "SIGTERM" if self.terminated.is_set() else what
+        where = mask_url(plan.study.url) if plan.study.url else "memory"
+        print(
+            f"\nSweep interrupted ({why}); finished trials are kept in {where}. Resume with "
+            f"the same command.",
+            file=sys.stderr,
+        )
+        if not self.is_worker:
+            runs.close_parent("KILLED", {keys.SWEEP_STATE: "interrupted"})
+        sys.exit(code)
 
     def budget_report(
         self, loop: TrialLoop, ending: LoopEnd, runs: SweepRuns, budget: float, used: float
