@@ -267,8 +267,6 @@ class SweepRun:
         except (KeyboardInterrupt, SystemExit) as err:
             self.stop_interrupted(workers, loop, runs, plan, type(err).__name__)
         except StorageUnreachable as err:
-            if self.interrupted.is_set():  # the signal, raised inside a database call
-                self.stop_interrupted(workers, loop, runs, plan, "KeyboardInterrupt")
             # nothing can be read or written in the study; the runs are closed, and the rerun
             # fails the trial that was in flight and settles its run
             workers.stop()
