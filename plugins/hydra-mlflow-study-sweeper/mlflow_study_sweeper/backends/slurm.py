@@ -387,6 +387,13 @@ class SlurmWorkers:
         return bool(self.tasks)
 
     def wait(self, poll_s: float = 0.5) -> None:
+        """Until every task has left the queue (the study is done): one still waiting for a node
+        has nothing left to train, and is cancelled rather than waited for."""
+        listed = self.queue() or {}
+        pending = [t for t in self.tasks if listed.get(t.id, ("", ""))[0] == "PENDING"]
+        if pending:
+            run("scancel", *[t.id for t in pending])
+            self.tasks = [t for t in self.tasks if t not in pending]
         while self.alive():
             self.poll()
             time.sleep(poll_s)
