@@ -1,5 +1,5 @@
 """Fixtures: generated MNIST files and a sweep folder (mnist_sweep.py); the real servers
-(PostgreSQL, `mlflow server`) are the sweeper's test fixtures, shared."""
+(PostgreSQL, `mlflow server`) and the Slurm cluster are the sweeper's test fixtures, shared."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from servers import (  # noqa: F401 (fixtures)
     stoppable_mlflow_server,
     stoppable_postgres,
 )
+from slurm_cluster import slurm, slurm_cluster  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="session")

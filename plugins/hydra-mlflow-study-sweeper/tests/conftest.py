@@ -1,4 +1,5 @@
-"""Fixtures: toy apps' sweep folders (stores made where a sweep would make them), real servers."""
+"""Fixtures: toy apps' sweep folders (stores made where a sweep would make them), real servers,
+a Slurm cluster."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from servers import (  # noqa: F401 (fixtures)
     stoppable_mlflow_server,
     stoppable_postgres,
 )
+from slurm_cluster import slurm, slurm_cluster  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="session")

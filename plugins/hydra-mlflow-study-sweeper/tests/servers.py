@@ -49,9 +49,11 @@ def _postgres_bin() -> Path | None:
 def _install_postgres() -> Path:
     pg_bin = _postgres_bin()
     if pg_bin is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+        # waits for another installer (the Slurm fixture's, in another pytest-xdist worker)
+        apt = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "-qq"]
+        subprocess.run([*apt, "update"], check=True, capture_output=True)
         subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "postgresql"],
+            [*apt, "install", "-y", "postgresql"],
             check=True,
             capture_output=True,
             env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),

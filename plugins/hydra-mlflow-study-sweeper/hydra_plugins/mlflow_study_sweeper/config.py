@@ -38,10 +38,11 @@ class ChampionConf:
 
 @dataclass
 class ResourcesConf:
-    # what each worker (a local process, or a Ray actor) holds. cpu: cores, its torch threads
-    # (null: the machine's cores shared evenly among the local workers; 1 on Ray). gpu: GPUs,
-    # below 1 to share one GPU among several workers (0.25: four); null: locally, the visible
-    # GPUs dealt round robin (none if there are none), none on Ray
+    # what each worker (a local process, a Ray actor, a Slurm worker) holds. cpu: cores, its
+    # torch threads (null: the machine's cores shared evenly among the local workers; 1 on Ray
+    # and Slurm). gpu: GPUs, below 1 to share one GPU among several workers (0.25: four; on
+    # Slurm, four workers in one task with --gres=gpu:1); null: locally, the visible GPUs dealt
+    # round robin (none if there are none), none on Ray and Slurm
     cpu: Any = None
     gpu: Any = None
 
@@ -66,6 +67,20 @@ class RayConf:
     # to upload the app's folder to every node, or {pip: [...]}; null: none (the app and this
     # sweeper installed on every node, as in a cluster's image)
     runtime_env: Any = None
+
+
+@dataclass
+class SlurmConf:
+    # backend=slurm: the sbatch options of the workers' array job (null: Slurm's defaults); time
+    # as Slurm writes it (4:00:00, 2-00:00:00)
+    partition: Any = None
+    time: Any = None
+    account: Any = None
+    qos: Any = None
+    # further sbatch options, without their dashes: {constraint: a100, mem: 16G, exclusive: ""}
+    options: dict[str, Any] = field(default_factory=dict)
+    # shell lines each task runs before its workers: [module load cuda, source venv/bin/activate]
+    setup: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -96,10 +111,12 @@ class MlflowStudySweeperConf:
     # or Ray actors (backend: ray)
     n_jobs: int = 1
     # local: worker processes on this machine; ray: workers as Ray actors, placed by Ray on
-    # the nodes of a cluster with the resources below (pip install '...[ray]')
+    # the nodes of a cluster with the resources below (pip install '...[ray]'); slurm: workers
+    # as the tasks of one sbatch --array job, with the resources below and `slurm`'s options
     backend: str = "local"
     resources: ResourcesConf = field(default_factory=ResourcesConf)
     ray: RayConf = field(default_factory=RayConf)
+    slurm: SlurmConf = field(default_factory=SlurmConf)
     # sqlite:///file.db, postgresql://..., a .journal file path, or null (memory, one process);
     # SWEEP_STORAGE_URL in the environment keeps a password off the command line
     storage: Any = "${oc.env:SWEEP_STORAGE_URL,sqlite:///optuna.db}"

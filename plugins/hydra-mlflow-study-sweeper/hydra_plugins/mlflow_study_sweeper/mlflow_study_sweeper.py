@@ -14,6 +14,7 @@ from hydra_plugins.mlflow_study_sweeper.config import (
     RegistryConf,
     ResourcesConf,
     RetryConf,
+    SlurmConf,
 )
 
 
@@ -29,6 +30,7 @@ class MlflowStudySweeper(Sweeper):
             "resources": ResourcesConf,
             "ray": RayConf,
             "retry": RetryConf,
+            "slurm": SlurmConf,
         }
         for key, kind in nested.items():
             plain[key] = kind(**(plain.get(key) or {}))

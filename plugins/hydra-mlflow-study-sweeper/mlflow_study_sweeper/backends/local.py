@@ -19,6 +19,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mlflow_study_sweeper import contract
 from mlflow_study_sweeper.errors import SweepConfigError
@@ -30,14 +31,15 @@ MAX_IDLE_DEATHS = 3  # a slot whose workers fail this often in a row, untrained:
 @dataclass(frozen=True)
 class WorkerSettings:
     """Where the workers run and what each holds (hydra.sweeper.backend, n_jobs, resources,
-    ray), checked."""
+    ray, slurm), checked."""
 
-    backend: str  # local or ray
+    backend: str  # local, ray or slurm
     n_jobs: int
     cpu: float | None = None  # per worker; None: the local default (the cores shared evenly)
     gpu: float | None = None  # per worker; None: the local default (visible GPUs round robin)
     ray_address: str | None = None
     runtime_env: dict | None = None
+    slurm: Any = None  # backends.slurm.SlurmSettings of backend=slurm
 
 
 class Replacements:

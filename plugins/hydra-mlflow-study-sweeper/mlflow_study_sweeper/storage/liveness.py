@@ -144,22 +144,30 @@ def fail_orphaned_trials(
     return found
 
 
+def taken_by(trial: FrozenTrial, label: dict[str, str]) -> bool:
+    """Whether `label` took the trial: a worker (host, pid), or every worker of a Slurm task
+    (`{"slurm": JOB_TASK}`)."""
+    if "slurm" in label:
+        return (trial.system_attrs.get(keys.WORKER) or {}).get("slurm") == label["slurm"]
+    return keys.worker(trial) == (label.get("host"), label.get("pid"))
+
+
 def fail_trials_of(study: optuna.Study, label: dict[str, str], reason: str) -> list[int]:
-    """Fail the RUNNING trials of one worker known to be gone (a lost Ray node, say)."""
+    """Fail the RUNNING trials of a worker known to be gone (a lost Ray node, a Slurm task
+    that left the queue)."""
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        mine = keys.worker(trial) == (label.get("host"), label.get("pid"))
+        mine = taken_by(trial, label)
         if mine and fail_trial(study, optuna_internals.trial_id(trial), "orphaned", reason):
             failed.append(trial.number)
     return failed
 
 
 def ever_trained(study: optuna.Study, label: dict[str, str] | None) -> bool:
-    """Whether the worker `label` (host, pid) took a trial of this study."""
+    """Whether the worker `label` (host, pid; or a Slurm task) took a trial of this study."""
     if label is None:
         return False
-    me = (label.get("host"), label.get("pid"))
-    return any(keys.worker(t) == me for t in study.get_trials(deepcopy=False))
+    return any(taken_by(t, label) for t in study.get_trials(deepcopy=False))
 
 
 class Heartbeat:

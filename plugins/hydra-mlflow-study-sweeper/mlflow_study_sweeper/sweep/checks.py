@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from mlflow_study_sweeper import contract
-from mlflow_study_sweeper.backends import ray
+from mlflow_study_sweeper.backends import ray, slurm
 from mlflow_study_sweeper.backends.local import WorkerSettings, gpu_assignment, visible_gpus
 from mlflow_study_sweeper.end.finish import EndPlan, Registration
 from mlflow_study_sweeper.errors import SweepConfigError
@@ -119,12 +119,17 @@ class Checks:
         self.check_space(space, base, search)
         self.check_corners(space, fixed, base, search)
         sampler, pruner = self.optimizers(space, objectives, search)
+        on_slurm = s.backend == "slurm" and not contract.is_worker()
+        if on_slurm:  # sbatch and Slurm's configuration before the stores are probed
+            slurm.check_tools()
         storage = self.storage()
         uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         uri = store.absolute_uri(uri, self.start_dir)
         # before the study exists
         store.check_store(uri, probe_server=not contract.is_worker())
         workers = self.workers()
+        if on_slurm:
+            self.check_slurm(storage, uri, workers)
         cluster = self.cluster(storage, uri, workers)
         loop = LoopSettings(
             n_trials=s.n_trials,
@@ -189,15 +194,15 @@ class Checks:
             raise SweepConfigError(
                 f"hydra.sweeper.n_trials={s.n_trials} must be a whole number from 1 to {MAX_TRIALS}"
             )
-        if s.backend not in ("local", "ray"):
+        if s.backend not in ("local", "ray", "slurm"):
             raise SweepConfigError(
                 f"hydra.sweeper.backend={s.backend!r} is not a backend: use local (processes on "
-                f"this machine) or ray (actors on a Ray cluster)"
+                f"this machine), ray (actors on a Ray cluster) or slurm (an sbatch array job)"
             )
         cores = os.cpu_count() or 1
         most = 4 * cores if s.backend == "local" else MAX_RAY_WORKERS
         if not isinstance(s.n_jobs, int) or not 1 <= s.n_jobs <= most:
-            where = f"this machine has {cores} cores" if s.backend == "local" else "Ray actors"
+            where = f"this machine has {cores} cores" if s.backend == "local" else s.backend
             raise SweepConfigError(
                 f"hydra.sweeper.n_jobs={s.n_jobs} must be from 1 to {most} ({where}; each worker "
                 f"trains one trial)"
@@ -241,6 +246,37 @@ class Checks:
             gpu=gpu,
             ray_address=ray.address,
             runtime_env=dict(ray.runtime_env) if ray.runtime_env else None,
+            slurm=self.slurm() if self.s.backend == "slurm" else None,
+        )
+
+    def check_slurm(self, storage: str | None, uri: str, workers: WorkerSettings) -> None:
+        """backend=slurm: stores every node reaches, a node of the partition that holds a task,
+        and options sbatch accepts (asked with --test-only: nothing is submitted)."""
+        slurm.check_stores(storage, uri)
+        layout = slurm.Layout.of(workers.n_jobs, workers.cpu, workers.gpu)
+        slurm.check_partition(workers.slurm, layout)
+        folder = self.start_dir / str(self.config.hydra.sweep.dir) / "slurm"
+        slurm.check_submission(workers.slurm, layout, str(self.s.study_name), folder)
+
+    def slurm(self) -> slurm.SlurmSettings:
+        """hydra.sweeper.slurm: text options, text setup lines."""
+        conf = self.s.slurm
+        named = {}
+        for key in ("partition", "time", "account", "qos"):
+            value = getattr(conf, key)
+            if value is not None and (not str(value).strip() or "\n" in str(value)):
+                raise SweepConfigError(f"hydra.sweeper.slurm.{key}={value!r} is not an option")
+            named[key] = None if value is None else str(value)
+        options = {}
+        for key, value in dict(conf.options or {}).items():
+            if not slurm.OPTION.fullmatch(str(key)) or "\n" in str(value):
+                raise SweepConfigError(
+                    f"hydra.sweeper.slurm.options.{key}={value!r}: an sbatch option is a name "
+                    f"without its dashes (constraint, mem, exclusive) and a one-line value"
+                )
+            options[str(key)] = "" if value is None else str(value)
+        return slurm.SlurmSettings(
+            **named, options=options, setup=tuple(str(line) for line in conf.setup or [])
         )
 
     def cluster(self, storage: str | None, tracking_uri: str, workers: WorkerSettings) -> Any:

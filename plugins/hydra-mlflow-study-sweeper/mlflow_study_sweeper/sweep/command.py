@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import mlflow
 import optuna
@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from mlflow_study_sweeper import console, contract, keys
 from mlflow_study_sweeper.backends.local import WorkerPool
 from mlflow_study_sweeper.backends.ray import RayWorkers
+from mlflow_study_sweeper.backends.slurm import SlurmWorkers
 from mlflow_study_sweeper.end.finish import SweepEnd
 from mlflow_study_sweeper.errors import SweepError, mask_url
 from mlflow_study_sweeper.faults import crash_point
@@ -68,19 +69,26 @@ def run_sweep(
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt(terminated: threading.Event):
+def sigterm_as_interrupt(terminated: threading.Event, interrupted: threading.Event):
     """SIGTERM (a scheduler's preemption) stops the sweep as Ctrl-C does, then exits 143;
-    `terminated` tells the two apart."""
+    `terminated` tells the two apart. `interrupted` is set by either: a KeyboardInterrupt raised
+    inside a database call comes out as the driver's error (psycopg cancels the query)."""
 
     def stop(signum, frame):
         terminated.set()
+        interrupted.set()
         raise KeyboardInterrupt("SIGTERM")
 
+    def interrupt(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
     terminated.clear()
+    interrupted.clear()
     previous = signal.signal(signal.SIGTERM, stop)
     # a shell that starts a command in the background (`cmd &`) makes it ignore SIGINT, and
     # Python then never raises KeyboardInterrupt: `kill -INT` must stop a sweep cleanly anyway
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_int = signal.signal(signal.SIGINT, interrupt)
     try:
         yield
     finally:
@@ -102,6 +110,7 @@ class SweepRun:
         self.checks = Checks(settings, hydra_context, config, self.launcher, self.start_dir)
         self.study: optuna.Study | None = None
         self.terminated = threading.Event()
+        self.interrupted = threading.Event()
 
     def run(self, arguments: list[str]) -> Any:
         if self.checks.wants_status:
@@ -109,7 +118,7 @@ class SweepRun:
             return []
         plan = self.checks.plan(arguments)
         try:
-            with sigterm_as_interrupt(self.terminated):
+            with sigterm_as_interrupt(self.terminated, self.interrupted):
                 return self.sweep(plan)
         finally:
             optuna_internals.close(self.study)
@@ -249,26 +258,14 @@ class SweepRun:
         try:
             if not self.is_worker:
                 workers.start()
-            # Ray's actors train while this process watches; local workers train beside it
-            ending = (
-                loop.watch(workers, poll_s=0.25) if isinstance(workers, RayWorkers) else loop.run()
-            )
+            # Ray's actors and Slurm's tasks train while this process watches; local workers
+            # train beside it
+            watched = isinstance(workers, (RayWorkers, SlurmWorkers))
+            ending = loop.watch(workers, poll_s=0.25) if watched else loop.run()
             workers.wait()
             return ending
         except (KeyboardInterrupt, SystemExit) as err:
-            workers.stop()
-            loop.recover()
-            code = 143 if self.terminated.is_set() else 130
-            why = "SIGTERM" if self.terminated.is_set() else type(err).__name__
-            where = mask_url(plan.study.url) if plan.study.url else "memory"
-            print(
-                f"\nSweep interrupted ({why}); finished trials are kept in {where}. Resume with "
-                f"the same command.",
-                file=sys.stderr,
-            )
-            if not self.is_worker:
-                runs.close_parent("KILLED", {keys.SWEEP_STATE: "interrupted"})
-            sys.exit(code)
+            self.stop_interrupted(workers, loop, runs, plan, type(err).__name__)
         except StorageUnreachable as err:
             # nothing can be read or written in the study; the runs are closed, and the rerun
             # fails the trial that was in flight and settles its run
@@ -278,11 +275,31 @@ class SweepRun:
                 runs.close_parent("FAILED", {keys.SWEEP_STATE: "storage_unreachable"})
             raise
         except BaseException:
+            if self.interrupted.is_set():  # the signal, raised inside a database call
+                self.stop_interrupted(workers, loop, runs, plan, "KeyboardInterrupt")
             workers.stop()
             loop.recover()
             if not self.is_worker:
                 runs.close_parent("FAILED", {keys.SWEEP_STATE: "failed"})
             raise
+
+    def stop_interrupted(
+        self, workers: Any, loop: TrialLoop, runs: SweepRuns, plan: Plan, what: str
+    ) -> NoReturn:
+        """Ctrl-C or SIGTERM: the workers stopped, every trial and run closed; exit 130 or 143."""
+        workers.stop()
+        loop.recover()
+        code = 143 if self.terminated.is_set() else 130
+        why = "SIGTERM" if self.terminated.is_set() else what
+        where = mask_url(plan.study.url) if plan.study.url else "memory"
+        print(
+            f"\nSweep interrupted ({why}); finished trials are kept in {where}. Resume with "
+            f"the same command.",
+            file=sys.stderr,
+        )
+        if not self.is_worker:
+            runs.close_parent("KILLED", {keys.SWEEP_STATE: "interrupted"})
+        sys.exit(code)
 
     def budget_report(
         self, loop: TrialLoop, ending: LoopEnd, runs: SweepRuns, budget: float, used: float
@@ -310,8 +327,20 @@ class SweepRun:
             tags=lifecycle.as_tags({keys.STOPPED_BY_BUDGET: str(out_of_budget or stopped > 0)}),
         )
 
-    def workers(self, loop: TrialLoop, plan: Plan) -> WorkerPool | RayWorkers:
+    def workers(self, loop: TrialLoop, plan: Plan) -> WorkerPool | RayWorkers | SlurmWorkers:
         w = plan.workers
+        if w.slurm is not None and not self.is_worker:
+            sweep_dir = self.start_dir / str(self.config.hydra.sweep.dir)  # (absolute stays)
+            return SlurmWorkers(
+                w.n_jobs,
+                cpu=w.cpu,
+                gpu=w.gpu,
+                settings=w.slurm,
+                folder=sweep_dir / "slurm",
+                start_dir=self.start_dir,
+                name=plan.study.name,
+                on_death=lambda label, why: self.worker_lost(loop, label, why),
+            )
         if plan.cluster is None:
             return WorkerPool(
                 w.n_jobs, lambda pid, code: self.worker_died(loop, pid), cpu=w.cpu, gpu=w.gpu
@@ -339,8 +368,9 @@ class SweepRun:
     def worker_lost(
         self, loop: TrialLoop, label: dict[str, str] | None, why: str
     ) -> tuple[bool, bool]:
-        """A Ray worker is gone (its node, say): fail its trial now, so that another worker
-        continues it from its checkpoint; (whether work is left, whether it trained a trial)."""
+        """A Ray worker (its node, say) or a Slurm task is gone: fail its trial now, so that
+        another worker continues it from its checkpoint; (whether work is left, whether it
+        trained a trial)."""
         if label is not None:
             for number in liveness.fail_trials_of(loop.study, label, why):
                 log.warning("trial %d is marked FAIL: %s", number, why)

@@ -1,0 +1,306 @@
+"""backend=slurm on a real single-node Slurm cluster (slurm_cluster.py: slurmctld and slurmd of
+this machine, 2 CPUs, 2 fake GPUs), with PostgreSQL and `mlflow server` as the shared stores.
+No mock of sbatch: the sweeps submit real array jobs and watch the real queue."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from harness import check_invariant, error_lines, ok, toy_app
+from optuna.trial import TrialState
+from servers import create_database
+
+from mlflow_study_sweeper import keys
+from mlflow_study_sweeper.backends.slurm import DEFAULT_CONF, Layout
+
+SLURM = "hydra.sweeper.backend=slurm"
+
+
+@pytest.fixture
+def shared_toy(tmp_path, postgres, mlflow_server):
+    """The toy sweep with stores every node reaches: PostgreSQL, an MLflow server."""
+    storage = create_database(postgres, f"optuna_{tmp_path.name}".lower()[:60])
+    toy = toy_app(tmp_path / "sweep", storage=storage)
+    toy.tracking_uri = mlflow_server
+    yield toy
+    toy.close()
+
+
+def task_lines(toy) -> dict[str, str]:
+    """Each task's first line in its output: JOB_INDEX -> the rest of it."""
+    lines = {}
+    for out in sorted((toy.sweep_dir / "slurm").glob("*.out")):
+        match = re.match(r"task (\S+) on \S+: (.*)", out.read_text().splitlines()[0])
+        assert match, out.read_text()
+        lines[match.group(1)] = match.group(2)
+    return lines
+
+
+@pytest.mark.parametrize(
+    "n, cpu, gpu, expected",
+    [
+        (4, 0.5, 0.5, Layout(2, 2, 1, 1, 1)),  # two workers per task, on its one GPU
+        (3, 1, 0.25, Layout(1, 3, 3, 1, 1)),  # four fit a GPU: the three in one task
+        (5, 2, 0.5, Layout(3, 2, 4, 1, 2)),  # the last task has one worker
+        (2, None, None, Layout(2, 1, 1, 0, 1)),  # one CPU each, no GPU
+        (2, 4, 2, Layout(2, 1, 4, 2, 4)),  # whole GPUs
+    ],
+)
+def test_workers_are_packed_into_tasks(n, cpu, gpu, expected):
+    assert Layout.of(n, cpu, gpu) == expected
+
+
+@pytest.mark.slow
+def test_four_workers_share_two_gpus_in_two_tasks_and_the_invariant_holds(slurm, shared_toy):
+    toy = shared_toy
+    started = time.monotonic()
+    proc = toy.spawn(
+        SLURM,
+        "hydra.sweeper.n_jobs=4",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.resources={cpu: 0.5, gpu: 0.5}",
+        "hydra.sweeper.pruner=null",
+        "epoch_seconds=1",
+        "log_env=true",
+        env=slurm.env,
+    )
+    ok(proc)
+    print(f"4 workers on Slurm, 6 trials: {time.monotonic() - started:.0f} s")
+    check_invariant(toy, n_trials=6)
+    assert "Submitted 2 Slurm task(s) of 2 worker(s) each" in proc.stdout
+    tasks = task_lines(toy)
+    assert sorted(tasks.values()) == [
+        "2 worker(s), CUDA_VISIBLE_DEVICES=0",
+        "2 worker(s), CUDA_VISIBLE_DEVICES=1",
+    ]
+    gpu_of = {task: line.rsplit("=", 1)[1] for task, line in tasks.items()}
+    runs = {r.info.run_id: r for r in toy.all_runs()}
+    workers = set()
+    for trial in toy.study().get_trials():
+        if trial.system_attrs.get("failure") == "surplus":  # asked by two workers at once
+            continue
+        label = trial.system_attrs[keys.WORKER]
+        workers.add((label["slurm"], label["pid"]))
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["CUDA_VISIBLE_DEVICES"] == gpu_of[label["slurm"]]
+    assert {task for task, _ in workers} == set(tasks)  # both tasks trained
+    assert slurm.jobs() == []
+    script = (toy.sweep_dir / "slurm" / "workers.sbatch").read_text()
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH --cpus-per-task=1" in script
+    # the stores as the watching command resolved them, through the environment
+    assert "'hydra.sweeper.storage=${oc.env:SWEEP_STORAGE_URL}'" in script
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["scancel", "node lost"])
+def test_a_task_stopped_mid_trial_is_replaced_and_its_trial_continued(
+    slurm, shared_toy, tmp_path, how
+):
+    toy = shared_toy
+    marker, once = tmp_path / "paused", tmp_path / "once"
+    proc = toy.popen(
+        SLURM,
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner=null",
+        # the tasks look like another machine: only Slurm (or heartbeats) can tell this
+        # process that a worker is gone, and the heartbeat's grace is long
+        "hydra.sweeper.slurm.setup=['export SWEEP_HOST_ID=compute-node']",
+        "hydra.sweeper.heartbeat_grace=300",
+        "checkpoint=true",
+        "epochs=6",
+        "epoch_seconds=0.3",
+        env={
+            **slurm.env,
+            "SWEEP_PAUSE_AT": "epoch-reported:3",
+            "SWEEP_PAUSE_FILE": str(marker),
+            "SWEEP_FAULT_ROLE": "worker",
+            "SWEEP_FAULT_ONCE": str(once),
+        },
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists() or not marker.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        (task,) = slurm.jobs()
+        stopped = time.time()
+        if how == "scancel":  # SIGTERM: the worker closes its own trial, then exits 143
+            assert slurm.run("scancel", task).returncode == 0
+        else:  # the task's shell and worker SIGKILLed at once: nothing of them runs after it,
+            # no exit status is written, as when a node is lost; only Slurm's queue tells
+            worker = int(marker.read_text())
+            shell = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            os.kill(shell, signal.SIGKILL)
+            os.kill(worker, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out
+    why = (
+        "its worker(s) exited with 143"
+        if how == "scancel"
+        else "it left the queue before its workers ended"
+    )
+    assert f"Slurm task {task} is lost: {why}" in out, out[-4000:]
+    check_invariant(toy, n_trials=2)
+    trials = toy.study().get_trials()
+    first = trials[0]
+    assert first.state == TrialState.FAIL
+    reason = first.user_attrs["fail_reason"]
+    if how == "scancel":
+        assert reason == "stopped by SIGTERM while training"
+    else:
+        assert f"its Slurm task {task} ended: {why}" in reason, reason
+    assert first.datetime_complete.timestamp() - stopped < 30  # not after the 300 s grace
+    (continued,) = [t for t in trials if t.user_attrs.get("continues_trial") == 0]
+    assert continued.state == TrialState.COMPLETE and continued.params == first.params
+    assert continued.system_attrs[keys.WORKER]["slurm"] != task  # its replacement's
+    assert "replaces it" in out
+    assert slurm.jobs() == []
+
+
+@pytest.mark.slow
+def test_sigterm_on_the_watching_command_cancels_its_tasks_and_a_rerun_resumes(
+    slurm, shared_toy, tmp_path
+):
+    toy = shared_toy
+    marker = tmp_path / "paused"
+    sweep = (SLURM, "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4", "checkpoint=true")
+    sweep += ("hydra.sweeper.pruner=null", "epochs=6", "epoch_seconds=0.3")
+    proc = toy.popen(
+        *sweep,
+        env={
+            **slurm.env,
+            "SWEEP_PAUSE_AT": "epoch-reported:3",
+            "SWEEP_PAUSE_FILE": str(marker),
+            "SWEEP_FAULT_ROLE": "worker",
+            "SWEEP_FAULT_ONCE": str(tmp_path / "once"),
+        },
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        assert len(slurm.jobs()) == 2
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, out[-4000:]
+    assert "Traceback" not in out and "Sweep interrupted (SIGTERM)" in out
+    assert slurm.jobs() == []  # cancelled, and gone before the command exited
+    trials = toy.study().get_trials()
+    assert [t.number for t in trials if t.state == TrialState.RUNNING] == []
+    assert [r.info.run_name for r in toy.all_runs() if r.info.status == "RUNNING"] == []
+    ok(toy.spawn(*sweep, env=slurm.env))
+    check_invariant(toy, n_trials=4)
+
+
+# ---- refusals: one Error line, nothing created (no study, no run, no job) --------------------
+
+
+def refused(toy, slurm_env, *overrides, env=None) -> str:
+    proc = toy.run(SLURM, *overrides, env={**slurm_env, **(env or {})})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = error_lines(proc)
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in toy.path.iterdir()) == []
+    return line
+
+
+def test_no_sbatch_on_the_path_is_refused(tmp_path):
+    toy = toy_app(tmp_path)
+    line = refused(toy, {"SLURM_CONF": "/nowhere"}, env={"PATH": str(tmp_path / "bin")})
+    assert "sbatch, which is not on the PATH" in line
+
+
+def test_no_slurm_configuration_is_refused(tmp_path):
+    if DEFAULT_CONF.exists():
+        pytest.skip(f"{DEFAULT_CONF} exists on this machine")
+    bin_ = tmp_path.parent / f"{tmp_path.name}-bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text("#!/bin/sh\nexit 1\n")  # on the PATH, never run
+    (bin_ / "sbatch").chmod(0o755)
+    toy = toy_app(tmp_path)
+    line = refused(toy, {}, env={"PATH": f"{bin_}:{os.environ['PATH']}", "SLURM_CONF": ""})
+    assert f"{DEFAULT_CONF} does not exist" in line and "export SLURM_CONF=" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["storage", "tracking"])
+def test_a_store_on_this_machine_is_refused(slurm, postgres, tmp_path, store):
+    toy = toy_app(tmp_path / "sweep")
+    if store == "tracking":  # a shared storage, and the toy's sqlite tracking store
+        toy.storage = create_database(postgres, f"optuna_{tmp_path.name}".lower()[:60])
+    line = refused(toy, slurm.env)
+    if store == "storage":
+        assert "hydra.sweeper.storage=sqlite:///" in line and "use postgresql://" in line
+    else:
+        assert "hydra.sweeper.tracking_uri=sqlite:///" in line and "an mlflow server" in line
+    assert slurm.jobs() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        (["hydra.sweeper.resources={cpu: 3}"], "a task needs 3 CPUs and 0 GPUs"),
+        (["hydra.sweeper.resources={gpu: 3}"], "a task needs 1 CPUs and 3 GPUs"),
+        (
+            ["hydra.sweeper.slurm.partition=gpu"],
+            "Slurm has no partition 'gpu'; its partitions: main",
+        ),
+        (["hydra.sweeper.slurm.time=soon"], "sbatch refuses the workers' options (sbatch: "),
+        (["+hydra.sweeper.slurm.options.nodes=2"], "sbatch refuses the workers' options ("),
+    ],
+)
+def test_resources_the_partition_lacks_are_refused(slurm, postgres, tmp_path, overrides, said):
+    toy = toy_app(tmp_path / "sweep")
+    toy.storage = create_database(postgres, f"optuna_{tmp_path.name}".lower()[:60])
+    toy.tracking_uri = create_database(postgres, f"mlflow_{tmp_path.name}".lower()[:60])
+    line = refused(toy, slurm.env, *overrides)
+    assert said in line, line
+    if "CPUs" in said:
+        assert "(the largest: 2 CPUs, 2 GPUs)" in line
+    assert slurm.jobs() == []
+
+
+def test_the_script_holds_the_settings_and_no_password(tmp_path):
+    from mlflow_study_sweeper.backends.slurm import SlurmSettings, SlurmWorkers
+
+    settings = SlurmSettings(
+        partition="gpu", time="1:00:00", account="lab", qos="high",
+        options={"constraint": "a100", "exclusive": ""}, setup=("module load cuda",),
+    )  # fmt: skip
+    workers = SlurmWorkers(
+        3, 2, 0.5, settings, tmp_path / "slurm", Path("/work"), "big", lambda *a: (False, False)
+    )
+    argv = ["app.py", "-m", "hydra.sweeper.storage=postgresql://u:secret@db/optuna"]
+    saved = list(sys.argv)
+    sys.argv[:] = argv
+    try:
+        secrets = workers.write_script()
+    finally:
+        sys.argv[:] = saved
+    script = workers.script.read_text()
+    for line in (
+        "#SBATCH --array=0-1", "#SBATCH --cpus-per-task=4", "#SBATCH --gres=gpu:1",
+        "#SBATCH --partition=gpu", "#SBATCH --time=1:00:00", "#SBATCH --account=lab",
+        "#SBATCH --qos=high", "#SBATCH --constraint=a100", "#SBATCH --exclusive",
+        "module load cuda", "cd /work", "export SWEEP_WORKER=1 OMP_NUM_THREADS=2",
+        "hydra.sweeper.n_jobs=1 hydra.sweeper.backend=local",
+    ):  # fmt: skip
+        assert line in script, line
+    assert "secret" not in script and list(secrets.values()) == ["postgresql://u:secret@db/optuna"]
