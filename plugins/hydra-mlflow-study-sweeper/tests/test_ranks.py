@@ -131,8 +131,8 @@ def test_local_workers_each_get_two_gpus(tmp_path):
         "hydra.sweeper.resources={gpu: 2}",
         "hydra.sweeper.pruner=null",
         "log_env=true",
-        "epochs=2",
-        "epoch_seconds=0.5",  # long enough for both workers to take trials
+        "epochs=3",
+        "epoch_seconds=1",  # long enough for the second worker to start and take trials
         env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"},  # the GPUs this machine "shows"
     )
     ok(proc)
