@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -66,6 +67,13 @@ def run_rank_job(hydra_context: Any, task_function: Any, config: DictConfig) -> 
     )
     if ret.status == JobStatus.FAILED:
         raise ret._return_value  # the trial fails through rank 0, which loses its peer
+    # its work is done and written: rank 0 waits for this process to exit, and the
+    # interpreter's teardown of torch and the other imports took seconds here
+    close_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def process_group() -> Any:
@@ -154,9 +162,9 @@ def end_ranks(trial_id: int, grace_s: float) -> list[int]:
 
 
 class TrialProcesses:
-    """Around a job in this process: afterwards its ranks get RANKS_EXIT_S to exit when it
-    `completed` (at once otherwise) and are then killed, the process group it left is closed,
-    and the variables its launcher wrote are put back. On Linux (/proc); elsewhere only the
+    """Around a job in this process: afterwards the process group it left is closed, its ranks
+    get RANKS_EXIT_S to exit when it `completed` (at once otherwise) and are then killed, and
+    the variables its launcher wrote are put back. On Linux (/proc); elsewhere only the
     group and the variables."""
 
     def __init__(self, trial_id: int) -> None:
@@ -170,8 +178,8 @@ class TrialProcesses:
 
     def __exit__(self, *exc: Any) -> None:
         try:
+            close_process_group()  # rank 0's side of the group first: the others' may go
             if sys.platform.startswith("linux"):
                 end_ranks(self.trial_id, RANKS_EXIT_S if self.completed else 0.0)
-            close_process_group()
         finally:
             self.scope.__exit__(*exc)
