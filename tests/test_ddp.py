@@ -144,4 +144,8 @@ def test_a_rank_killed_mid_epoch_fails_its_trial_and_the_sweep_goes_on(sweep, tm
     assert run.info.status == "FAILED"
     reason = run.data.tags["failure_reason"]
     assert re.search(r"Connection closed|Connection reset|peer|Broken pipe", reason), reason
-    assert took < 180, took  # bounded: gloo notices the lost peer; no collective times out
+    # bounded: gloo notices the lost peer at once; no collective waits for its timeout
+    failed_after = (failed.datetime_complete - failed.datetime_start).total_seconds()
+    assert failed_after < 60, failed_after
+    assert took < 240, took
+    print(f"the trial failed {failed_after:.1f} s after it started; the sweep took {took:.0f} s")
