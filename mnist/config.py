@@ -31,7 +31,8 @@ class ModelConfig:
 class TrainerConfig:
     max_epochs: int = MISSING
     accelerator: str = "auto"  # cpu, gpu, mps or auto
-    devices: Any = 1  # one device per trial: trials are the unit of parallelism
+    devices: int = 1  # devices (processes) per trial; more than 1 needs strategy=ddp
+    strategy: str = "auto"  # auto (one device) or ddp (Lightning starts a process per device)
     limit_train_batches: Any = 1.0  # a fraction or a count of batches per epoch (quick runs)
     deterministic: bool = False  # torch deterministic algorithms (slower on GPU)
     # who lays out a run's processes: local = Lightning, on the devices given (also inside a Slurm
@@ -98,13 +99,7 @@ def check_config(cfg: DictConfig | AppConfig) -> None:
         problems.append(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
     if cfg.trainer.limit_train_batches == 0:
         problems.append("trainer.limit_train_batches=0 trains nothing: use a fraction or a count")
-    if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices != 1:
-        # trials are the unit of parallelism: several devices would make Lightning start copies
-        # of the whole command (its multi-process strategy)
-        problems.append(
-            f"trainer.devices={cfg.trainer.devices}: a trial trains on one device; run trials in "
-            f"parallel with hydra.sweeper.n_jobs instead"
-        )
+    problems += check_devices(cfg.trainer.devices, cfg.trainer.strategy)
     if cfg.trainer.cluster not in ("local", "slurm"):
         problems.append(f"trainer.cluster={cfg.trainer.cluster!r} must be local or slurm")
     if not 0.0 < cfg.model.width <= 4.0:
@@ -119,6 +114,27 @@ def check_config(cfg: DictConfig | AppConfig) -> None:
         problems.append(f"metric={list(names)} names an objective twice")
     if problems:
         raise ConfigValueError("; ".join(problems))
+
+
+STRATEGIES = ("auto", "ddp")
+
+
+def check_devices(devices: Any, strategy: str) -> list[str]:
+    """Several devices per trial: with Lightning's DDP, which starts a process per device."""
+    if strategy not in STRATEGIES:
+        return [
+            f"trainer.strategy={strategy!r}: this app trains with auto (one device) or ddp "
+            f"(one process per device, started by Lightning; ddp_spawn, FSDP and DeepSpeed "
+            f"are not supported)"
+        ]
+    if not isinstance(devices, int) or devices < 1:
+        return [f"trainer.devices={devices!r} must be a count of devices, 1 or more"]
+    if devices > 1 and strategy != "ddp":
+        return [
+            f"trainer.devices={devices} needs trainer.strategy=ddp (a process per device); "
+            f"or run trials in parallel with hydra.sweeper.n_jobs instead"
+        ]
+    return []
 
 
 def preflight(cfg: DictConfig) -> None:

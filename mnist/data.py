@@ -106,17 +106,37 @@ class TensorBatches:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        _, world = ddp_rank()
+        return -(-self.shard_size(world) // self.batch_size)
+
+    def shard_size(self, world: int) -> int:
+        return -(-len(self.labels) // world)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.images.device)
+        rank, world = ddp_rank()
+        if self.shuffle or world > 1:
+            # shuffled, the same order on every rank: the same seed, the same draws
+            order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+            if world > 1:  # as DistributedSampler: padded to equal shards, one per rank
+                size = self.shard_size(world)
+                order = order.repeat(-(-size * world // n))[: size * world][rank::world]
+            order = order.to(self.images.device)
             images, labels = self.images[order], self.labels[order]
         else:
             images, labels = self.images, self.labels
-        for start in range(0, n, self.batch_size):
+        for start in range(0, len(labels), self.batch_size):
             yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
+
+
+def ddp_rank() -> tuple[int, int]:
+    """(rank, world size) of this process's DDP group; (0, 1) outside one. Every rank gets
+    batches of its own share, and as many batches as the others (a rank with one batch more
+    would wait for the others' gradients for ever)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 @dataclass

@@ -76,6 +76,11 @@ class MNISTClassifier(pl.LightningModule):
         self._train_sums.zero_()
         self._train_seen = 0
 
+    def train_epoch_sums(self) -> torch.Tensor:
+        """(loss x images, correct, images) of this process's training batches this epoch."""
+        seen = torch.tensor([float(self._train_seen)], device=self._train_sums.device)
+        return torch.cat((self._train_sums, seen))
+
     def train_epoch_metrics(self) -> dict[str, float]:
         """Mean loss and accuracy over the training batches of the current epoch."""
         loss_sum, correct = self._train_sums.tolist()
@@ -84,7 +89,7 @@ class MNISTClassifier(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         for key, value in self.train_epoch_metrics().items():
-            self.log(key, value, on_epoch=True)
+            self.log(key, value, on_epoch=True, sync_dist=True)  # DDP: the ranks' mean
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # stop a diverged trial at once instead of training on NaNs for the remaining epochs
@@ -99,7 +104,8 @@ class MNISTClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         self.val_acc(logits, y)
-        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True)
+        # under DDP the mean over every rank's batches (an all-reduce at the epoch's end)
+        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
         self.log("val_acc", self.val_acc, on_epoch=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

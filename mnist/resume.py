@@ -35,7 +35,9 @@ class EpochCheckpoint(pl.Callback):
     `weights_only=True`.
     """
 
-    def __init__(self, run_id: str, train: TensorBatches) -> None:
+    def __init__(self, run_id: str | None, train: TensorBatches) -> None:
+        """`run_id`: the trial's run, where it uploads; None on a DDP rank > 0, which takes
+        part in the save (Lightning's barrier) and uploads nothing."""
         self.run_id = run_id
         self.train = train
         self.restored: dict[str, Any] | None = None
@@ -63,7 +65,9 @@ class EpochCheckpoint(pl.Callback):
         epoch = trainer.current_epoch
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(checkpoint_artifact(epoch)).name
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path)  # every rank: rank 0 writes it
+            if self.run_id is None:
+                return
             mlflow.MlflowClient().log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
         checkpoint_saved(epoch)  # only now: a kill during the upload keeps the previous one
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -19,7 +20,7 @@ from typing import Any
 import mlflow
 import pytorch_lightning as pl
 import torch
-from mlflow_study_sweeper import PruningCallback, continues, current_trial
+from mlflow_study_sweeper import PruningCallback, continues, current_trial, rank
 from omegaconf import DictConfig
 from pytorch_lightning.plugins.environments import LightningEnvironment, SLURMEnvironment
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
@@ -39,29 +40,41 @@ class EpochLogger(pl.Callback):
     """Logs acc/loss/val_acc/val_loss once per epoch (step = epoch) to the active MLflow run.
 
     After the epoch's validation, before its checkpoint and its report to the sweep: a trial
-    interrupted there has this epoch's metrics in its run. Counts the epochs it saw.
+    interrupted there has this epoch's metrics in its run. Counts the epochs it saw. Under DDP
+    the training sums of every rank are added up, and rank 0 alone logs (`log=False` on the
+    others).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log: bool = True) -> None:
+        self.logs = log
         self.epochs = 0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: MNISTClassifier) -> None:
         if trainer.sanity_checking:
             return
-        # the module's running sums hold the whole training epoch by now
-        metrics = pl_module.train_epoch_metrics()
+        # the module's running sums hold the whole training epoch by now; every rank's
+        sums = trainer.strategy.reduce(pl_module.train_epoch_sums(), reduce_op="sum")
+        metrics = epoch_means(sums)
         metrics |= {
             k: trainer.callback_metrics[k].item()
             for k in ("val_acc", "val_loss")
             if k in trainer.callback_metrics
         }
-        mlflow.log_metrics(metrics, step=trainer.current_epoch)
+        if self.logs:
+            mlflow.log_metrics(metrics, step=trainer.current_epoch)
         self.epochs += 1
+
+
+def epoch_means(sums: torch.Tensor) -> dict[str, float]:
+    """Mean loss and accuracy from (loss x images, correct, images) summed over the epoch."""
+    loss_sum, correct, seen = sums.tolist()
+    return {"loss": loss_sum / seen, "acc": correct / seen} if seen else {}
 
 
 def pick_device(accelerator: str) -> torch.device:
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        # under DDP each rank's own GPU (Lightning's launcher sets LOCAL_RANK in the ranks > 0)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0))
     if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
         return torch.device("mps")
     return torch.device("cpu")
@@ -70,7 +83,7 @@ def pick_device(accelerator: str) -> torch.device:
 def quiet_lightning(quiet: bool) -> None:
     # Lightning's banners ("GPU available", "Seed set", tips) are INFO logs
     level = logging.WARNING if quiet else logging.INFO
-    for name in ("pytorch_lightning", "lightning.fabric", "lightning.pytorch"):
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.fabric", "lightning.pytorch"):
         logging.getLogger(name).setLevel(level)
 
 
@@ -147,6 +160,8 @@ def run(cfg: DictConfig, start_dir: str | Path | None = None) -> float | dict[st
     device = pick_device(cfg.trainer.accelerator)
     # missing data is the user's to fix: say so before any run exists
     ensure_mnist(start_dir / cfg.data.root, download=cfg.data.download)
+    if rank() > 0:  # a further DDP rank, started by Lightning: rank 0 logs and reports
+        return train_beside_rank_zero(cfg, start_dir, device, verbose)
     if not in_sweep:  # a sweep hands over its tracking URI, experiment and run
         # the config's own value (which defaults to MLFLOW_TRACKING_URI, see conf/mlflow/)
         mlflow.set_tracking_uri(tracking_uri(cfg, start_dir))
@@ -173,9 +188,27 @@ def run(cfg: DictConfig, start_dir: str | Path | None = None) -> float | dict[st
         mlflow.log_metric("epochs_trained", logger.epochs, step=0)  # fewer when it continued
         if pruning.pruned_at_epoch is None:  # the sweep publishes a trial's own weights
             save_checkpoint(active.info.run_id, model)
-        if isinstance(cfg.metric, str):
-            return values[cfg.metric]
-        return {name: values[name] for name in names}
+        return returned(cfg, values)
+
+
+def train_beside_rank_zero(
+    cfg: DictConfig, start_dir: Path, device: torch.device, verbose: bool
+) -> float | dict[str, float]:
+    """A DDP rank > 0: the same fit (the same callbacks: each takes part in the collectives),
+    without MLflow: no run of its own, nothing logged, no checkpoint uploaded."""
+    names = metrics_of(cfg)
+    logger = EpochLogger(log=False)
+    callbacks = [logger, PruningCallback(names[0])]
+    log.info("rank %d: model.dropout=%s model.lr=%s", rank(), cfg.model.dropout, cfg.model.lr)
+    values, _ = train(cfg, start_dir, device, callbacks, verbose, run_id=None)
+    log.info("rank %d: %d epochs trained", rank(), logger.epochs)
+    return returned(cfg, values)
+
+
+def returned(cfg: DictConfig, values: dict[str, float]) -> float | dict[str, float]:
+    if isinstance(cfg.metric, str):
+        return values[cfg.metric]
+    return {name: values[name] for name in metrics_of(cfg)}
 
 
 def train(
@@ -188,8 +221,9 @@ def train(
 ) -> tuple[dict[str, float], MNISTClassifier]:
     """Fit the CNN; return the last epoch's val_acc and val_loss, n_params, and the model.
 
-    In a sweep (run_id given) it saves a checkpoint per epoch, and continues from one when the
-    trial continues an interrupted one.
+    In a sweep it saves a checkpoint per epoch into the run `run_id` (under DDP: every rank
+    takes part in the save, rank 0 alone, which has the run, uploads it), and continues from
+    one when the trial continues an interrupted one.
     """
     data = load_mnist(
         start_dir / cfg.data.root,
@@ -200,8 +234,9 @@ def train(
         download=False,
     )
     model = MNISTClassifier(dropout=cfg.model.dropout, lr=cfg.model.lr, width=cfg.model.width)
-    mlflow.log_metric("n_params", model.n_params, step=0)
-    in_sweep = run_id is not None and current_trial() is not None
+    if run_id is not None:
+        mlflow.log_metric("n_params", model.n_params, step=0)
+    in_sweep = current_trial() is not None
     if in_sweep:  # before the pruning report: the checkpoint exists once the epoch is reported
         callbacks = [*callbacks[:-1], resume.EpochCheckpoint(run_id, data.train), callbacks[-1]]
     continuation = continues() if in_sweep else None
@@ -213,6 +248,7 @@ def train(
             cluster=cfg.trainer.cluster,
             max_epochs=cfg.trainer.max_epochs,
             devices=cfg.trainer.devices,
+            strategy=cfg.trainer.strategy,
             limit_train_batches=cfg.trainer.limit_train_batches,
             deterministic=cfg.trainer.deterministic,
         )

@@ -57,12 +57,22 @@ def test_typo_in_an_override_is_an_error(override):
         ("trainer.max_epochs=0", "trainer.max_epochs=0 must be >= 1"),
         ("metric=acc", "metric='acc' must be one of val_acc, val_loss"),
         ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains nothing"),
-        ("trainer.devices=2", "a trial trains on one device"),
+        ("trainer.devices=2", "trainer.devices=2 needs trainer.strategy=ddp"),
+        ("trainer.devices=0", "trainer.devices=0 must be a count of devices, 1 or more"),
+        ("trainer.strategy=ddp_spawn", "trainer.strategy='ddp_spawn': this app trains with"),
+        ("trainer.strategy=fsdp", "FSDP and DeepSpeed are not supported"),
     ],
 )
 def test_values_that_cannot_train(override, message):
     with pytest.raises(ConfigValueError, match=re.escape(message)):
         check_config(load(override))
+
+
+@pytest.mark.parametrize(
+    "overrides", [("trainer.devices=2", "trainer.strategy=ddp"), ("trainer.strategy=ddp",)]
+)
+def test_several_devices_train_with_ddp(overrides):
+    check_config(load(*overrides))
 
 
 def test_flatten_gives_dotted_keys():

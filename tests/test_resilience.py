@@ -236,7 +236,7 @@ def test_too_many_failures_stop_the_sweep_with_every_run_closed(sweep):
         ("hydra.sweeper.n_trials=0", "n_trials=0 must be a whole number from 1 to 1000000"),
         ("hydra.sweeper.n_trials=-3", "must be a whole number from 1"),
         ("hydra.sweeper.max_failure_rate=2", "max_failure_rate=2.0 must be in [0, 1]"),
-        ("trainer.devices=2", "a trial trains on one device"),
+        ("trainer.devices=2", "trainer.devices=2 needs trainer.strategy=ddp"),
         ("data.batch_size=10000", "data.batch_size=10000 is larger than the 500 training images"),
         ("data.val_size=600", "data.val_size=600 must be between 1 and 599"),
         ("hydra.sweeper.params.model.lrr=interval(0.1, 0.2)", "no key 'model.lrr'"),

@@ -20,6 +20,10 @@ starting over, a job saves its state after each epoch into its run as
 returns a Continuation, it loads that run's checkpoint and trains the epochs after it (the
 sweeper has already put the earlier epochs' values on the new trial and its run).
 
+A job that trains in several processes (DDP) reports from every rank at the same step (rank 0
+records, every rank gets its decision), and logs, saves checkpoints and continues on rank 0
+alone: `rank()` says which rank a process is (see trial/ranks.py).
+
 This package is also the sweeper's core (its subpackages: sweep, trial, backends, storage,
 tracking, end, search; see the README's "Inside"). Importing it loads the standard library
 only: Optuna, MLflow and Lightning load when a job first reports. The Hydra plugin
@@ -35,6 +39,7 @@ from mlflow_study_sweeper.contract import (
     TrialInfo,
     checkpoint_artifact,
     current_trial,
+    rank,
 )
 from mlflow_study_sweeper.contract import continuation as continues
 
@@ -47,6 +52,7 @@ __all__ = [  # and PruningCallback, for Lightning (loaded on first use, see __ge
     "checkpoint_saved",
     "continues",
     "current_trial",
+    "rank",
     "report",
 ]
 

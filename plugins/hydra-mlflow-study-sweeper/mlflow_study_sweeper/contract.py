@@ -7,7 +7,9 @@ plugin scan imports, reads it.
 
 # no `from __future__ import annotations`: job.py re-exports these dataclasses, and Hydra's scan
 # runs job.py before it is in sys.modules, where dataclasses would look string annotations up
+import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ TRIAL_ID = "SWEEP_TRIAL_ID"
 TRIAL_NUMBER = "SWEEP_TRIAL_NUMBER"
 CONTINUE_RUN = "SWEEP_CONTINUE_RUN_ID"  # a trial that continues an interrupted one: its run
 CONTINUE_STEP = "SWEEP_CONTINUE_STEP"  # ... and the last step its checkpoint holds
+# the trial's overrides (JSON): a process the job starts by running the command again (Lightning's
+# DDP launcher does) runs this trial's job as one of its ranks, not a sweep (see trial.ranks)
+JOB_OVERRIDES = "SWEEP_JOB_OVERRIDES"
 # MLflow's own variables: the job's `mlflow.start_run()` resumes the trial's run
 MLFLOW_RUN_ID = "MLFLOW_RUN_ID"
 MLFLOW_EXPERIMENT_ID = "MLFLOW_EXPERIMENT_ID"
@@ -40,6 +45,12 @@ PAUSE_AT = "SWEEP_PAUSE_AT"
 PAUSE_FILE = "SWEEP_PAUSE_FILE"
 FAULT_ROLE = "SWEEP_FAULT_ROLE"
 FAULT_ONCE = "SWEEP_FAULT_ONCE"
+
+# -- a trial's processes: torch.distributed's own variables (torchrun sets RANK, Lightning's DDP
+# launcher LOCAL_RANK and NODE_RANK), read, never written by the sweeper; written by Lightning in
+# the job's process, and put back after each job (see distributed_scope) --
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+DISTRIBUTED_VARIABLES = (*RANK_VARIABLES, "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 CHECKPOINT_DIR = "resume"  # a run's checkpoints, under its artifacts; the sweeper tidies them
 
@@ -78,6 +89,32 @@ def continuation() -> "Continuation | None":
     return Continuation(run_id=run_id, step=int(os.environ[CONTINUE_STEP]))
 
 
+def rank() -> int:
+    """This process's rank among its trial's processes: 0 for the one that reports and logs.
+
+    torch.distributed's group once it is set up, else the standard variables: RANK (torchrun),
+    or NODE_RANK and LOCAL_RANK (Lightning's DDP launcher). 0 in a job of one process.
+    """
+    dist = sys.modules.get("torch.distributed")  # never imported here: torch is the job's
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK") or 0)
+    node = int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or 0)
+    return node * int(os.environ.get("LOCAL_WORLD_SIZE") or 1) + local if node else local
+
+
+def is_rank_job() -> bool:
+    """Whether this process is a further rank (>0) of a trial's job: started by the job (or by
+    Lightning for it), it trains beside rank 0 and never starts a sweep, a run or a trial."""
+    return TRIAL_ID in os.environ and rank() > 0
+
+
+def job_overrides() -> list[str]:
+    return json.loads(bytes.fromhex(os.environ.get(JOB_OVERRIDES) or "5b5d").decode())
+
+
 def checkpoint_artifact(step: int) -> str:
     """Where in its run a job stores the checkpoint of `step`, e.g. resume/epoch-3.ckpt."""
     return f"{CHECKPOINT_DIR}/epoch-{step}.ckpt"
@@ -94,6 +131,30 @@ def job_environment(
         TRIAL_ID: str(trial_id),
         TRIAL_NUMBER: str(number),
     }
+
+
+def overrides_variable(overrides: list[str]) -> dict[str, str]:
+    """The trial's overrides, for a rank the job starts by running the command again; as hex,
+    which Hydra's env_set passes on untouched (no quoting, no ${...} resolved)."""
+    return {JOB_OVERRIDES: json.dumps(overrides).encode().hex()}
+
+
+JOB_VARIABLES = (
+    STUDY,
+    TRIAL_ID,
+    TRIAL_NUMBER,
+    CONTINUE_RUN,
+    CONTINUE_STEP,
+    JOB_OVERRIDES,
+    MLFLOW_RUN_ID,
+    *DISTRIBUTED_VARIABLES,
+)
+
+
+def without_job(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the variables of the job this process runs now: a worker started while a
+    job runs here is no rank of that job's trial."""
+    return {k: v for k, v in env.items() if k not in JOB_VARIABLES}
 
 
 def is_worker() -> bool:
@@ -156,6 +217,22 @@ def trial_run(run_id: str) -> "Iterator[None]":
         yield
     finally:
         os.environ.pop(MLFLOW_RUN_ID, None)
+
+
+@contextmanager
+def distributed_scope() -> "Iterator[None]":
+    """Around a job in this process: the rank variables a job's DDP launcher writes here
+    (Lightning sets MASTER_PORT, LOCAL_RANK, WORLD_SIZE, ... in its rank 0) are put back after
+    it, so that the next trial, or a worker started later, does not inherit them."""
+    saved = {k: os.environ.get(k) for k in DISTRIBUTED_VARIABLES}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def place_this_worker(gpu: "str | None", threads: "int | None") -> None:

@@ -6,9 +6,10 @@ A test that must kill a sweep "between the job's end and tell" cannot time a sig
   (up to 10 minutes, or until the test deletes that file), so that the test can send a signal,
   or stop a server, at a moment it knows.
 Both are read from the environment each time, and count passes per process. With
-SWEEP_FAULT_ROLE=worker (or main) only the n_jobs worker processes (or only the first process)
-act on them; with SWEEP_FAULT_ONCE=<file> only the first process to reach the point does (it
-creates that file), so a replacement worker does not fail the same way.
+SWEEP_FAULT_ROLE=worker (or main, or rank) only the n_jobs worker processes (or only the first
+process, or only the further ranks of a trial's job, see trial.ranks) act on them; with
+SWEEP_FAULT_ONCE=<file> only the first process to reach the point does (it creates that file),
+so a replacement worker does not fail the same way.
 """
 
 import os
@@ -26,7 +27,7 @@ def _hit(variable: str, name: str) -> bool:
     if not wanted:
         return False
     role = os.environ.get(contract.FAULT_ROLE)
-    if role and role != ("worker" if contract.is_worker() else "main"):
+    if role and role != own_role():
         return False
     point, _, nth = wanted.partition(":")
     if point != name:
@@ -42,6 +43,12 @@ def _hit(variable: str, name: str) -> bool:
         except FileExistsError:
             return False
     return True
+
+
+def own_role() -> str:
+    if contract.is_rank_job():
+        return "rank"
+    return "worker" if contract.is_worker() else "main"
 
 
 def crash_point(name: str) -> None:

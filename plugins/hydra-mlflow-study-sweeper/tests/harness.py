@@ -228,13 +228,16 @@ def by_number(children) -> dict:
     return {int(r.data.tags["optuna.trial_number"]): r for r in children}
 
 
-def check_invariant(toy: ToyApp, n_trials: int = 3, ends: int = 1) -> None:
-    """The promise of the README's "whatever dies" section, read back from both stores."""
-    study = toy.study()
+def check_invariant(
+    toy: ToyApp, n_trials: int = 3, ends: int = 1, study_name: str = "toy", model: str = "toy-model"
+) -> None:
+    """The promise of the README's "whatever dies" section, read back from both stores (the
+    MNIST app's tests pass its study and model names)."""
+    study = toy.study(study_name)
     trials = study.get_trials()
     assert [t for t in trials if t.state == TrialState.RUNNING] == []
     assert len([t for t in trials if t.state in FINISHED]) == n_trials
-    assert optuna.get_all_study_names(toy.opened_storage()) == ["toy"]  # no helper studies
+    assert optuna.get_all_study_names(toy.opened_storage()) == [study_name]  # no helper studies
     runs = toy.all_runs()
     assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
     parents = [r for r in runs if r.data.tags.get("sweep.role") == "sweep"]
@@ -261,12 +264,12 @@ def check_invariant(toy: ToyApp, n_trials: int = 3, ends: int = 1) -> None:
     assert len(best) == 1
     assert best[0].info.run_id == study.best_trial.user_attrs["mlflow_run_id"]
     client = toy.client()
-    versions = client.search_model_versions("name='toy-model'")
+    versions = client.search_model_versions(f"name='{model}'")
     assert len(versions) == ends, [v.version for v in versions]  # each end ran exactly once
     newest = max(versions, key=lambda v: int(v.version))
     assert newest.run_id == best[0].info.run_id
     if ends == 1:
-        assert str(client.get_model_version_by_alias("toy-model", "champion").version) == "1"
+        assert str(client.get_model_version_by_alias(model, "champion").version) == "1"
     attrs = optuna_internals.study_system_attrs(study)
     claims = {k: v for k, v in attrs.items() if k.startswith("mlflow_optuna.end.")}
     assert [c["state"] for c in claims.values()] == ["done"] * ends

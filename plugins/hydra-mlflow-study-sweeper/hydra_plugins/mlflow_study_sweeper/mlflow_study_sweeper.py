@@ -44,6 +44,12 @@ class MlflowStudySweeper(Sweeper):
         self.config = config
 
     def sweep(self, arguments: list[str]) -> Any:
+        from mlflow_study_sweeper import contract
+
+        if contract.is_rank_job():  # the command started again by a trial's job, as a rank
+            from mlflow_study_sweeper.trial.ranks import run_rank_job
+
+            return run_rank_job(self.hydra_context, self.task_function, self.config)
         # optuna and mlflow load here, when a sweep runs, not when Hydra scans plugins
         from mlflow_study_sweeper.sweep.command import run_sweep
 

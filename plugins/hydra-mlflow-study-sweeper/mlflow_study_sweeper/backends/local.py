@@ -181,7 +181,9 @@ class WorkerPool:
         # the store URLs reach workers through the environment (SWEEP_STORAGE_URL,
         # MLFLOW_TRACKING_URI, set by the sweep), never their arguments
         command, extra = worker_command(sys.argv, [])
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), **extra)
+        # not the job's variables: this may run while a job of this process trains
+        env = dict(contract.without_job(dict(os.environ)), OMP_NUM_THREADS=str(self.threads))
+        env |= extra
         if self.devices[slot] is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.devices[slot]
         proc = subprocess.Popen([sys.executable, *command], env=env)

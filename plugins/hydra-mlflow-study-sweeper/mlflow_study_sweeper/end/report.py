@@ -75,6 +75,8 @@ def write_plots(study: optuna.Study, folder: Path, objectives: Objectives) -> li
         warnings.filterwarnings("ignore", "Some regimes for parameter", UserWarning)
         # with several objectives the importances are those of the first, as the page says
         warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes", UserWarning)
+        # one complete trial (the others pruned): equal importances, as the plot shows
+        warnings.filterwarnings("ignore", "The number of trials is too small", UserWarning)
         # a view of few or equal trials: matplotlib widens its flat axes itself, and says so
         warnings.filterwarnings("ignore", "Attempting to set identical", UserWarning)
         for name, (html_view, png_view) in views.items():

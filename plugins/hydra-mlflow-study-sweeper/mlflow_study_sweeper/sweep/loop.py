@@ -287,7 +287,10 @@ class TrialLoop:
                 contract.trial_run(run_id),
             ):
                 ret = self.jobs.run(trial.number, trial.params, env, reporter)
-            decided = reporter.decided() if in_process else self.decisions(trial_id)
+            # a job in this process may report from processes it started (torchrun-style
+            # ranks): what they decided is in the storage
+            here = in_process and reporter.reported
+            decided = reporter.decided() if here else self.decisions(trial_id)
             outcome = self.judge(trial, ret, decided)
         except TrialTimeout as err:  # raised between the job's end and launch returning
             outcome = Outcome(TrialState.FAIL, kind="timeout", reason=str(err))

@@ -28,6 +28,7 @@ from mlflow_study_sweeper.search.samplers import make_pruner
 from mlflow_study_sweeper.storage import optuna_internals
 from mlflow_study_sweeper.storage.studies import make_storage, optuna_quietly
 from mlflow_study_sweeper.tracking.lifecycle import drop_older_checkpoints
+from mlflow_study_sweeper.trial import ranks
 
 
 class Progress(Protocol):
@@ -71,6 +72,7 @@ class TrialReporter:
         self.pruned_at: int | None = None
         self.stopped_at: int | None = None
         self.checkpoint_at: int | None = None
+        self.reported = False  # whether the job reported through this object
 
     def decided(self) -> Decisions:
         return Decisions(self.pruned_at, self.stopped_at, self.checkpoint_at)
@@ -91,6 +93,7 @@ class TrialReporter:
         )
 
     def checkpoint_saved(self, step: int) -> None:
+        self.reported = True
         trial = optuna_internals.frozen(self.study, self.trial_id)
         run_id = keys.run_id(trial)
         self._set(keys.CHECKPOINT_RUN, run_id)
@@ -109,6 +112,7 @@ class TrialReporter:
         return self.study.pruner.prune(FirstObjective(self.study), trial)
 
     def report(self, value: float, step: int, total: int | None) -> bool:
+        self.reported = True
         if not math.isfinite(value):
             return False  # a diverged trial fails; its NaN must not reach the pruner's statistics
         if self.multi:
@@ -178,15 +182,24 @@ def reporter(trial: contract.TrialInfo) -> TrialReporter:
 
 
 def report(value: float, step: int, total: int | None = None) -> bool:
-    """job.report: record `value` at `step` for this job's trial; True when it should stop."""
+    """job.report: record `value` at `step` for this job's trial; True when it should stop.
+
+    In a job of several processes, rank 0 alone records and asks the pruner; once
+    torch.distributed is set up every rank must call it at the same step, and each gets rank 0's
+    answer (trial.ranks).
+    """
     trial = contract.current_trial()
     if trial is None:
         return False
-    return reporter(trial).report(float(value), int(step), total)
+    decision = False
+    if contract.rank() == 0:
+        decision = reporter(trial).report(float(value), int(step), total)
+    return ranks.share_decision(decision)
 
 
 def checkpoint_saved(step: int) -> None:
-    """job.checkpoint_saved: the run now holds the checkpoint of `step`, complete."""
+    """job.checkpoint_saved: the run now holds the checkpoint of `step`, complete (rank 0's;
+    the other ranks' calls do nothing)."""
     trial = contract.current_trial()
-    if trial is not None:
+    if trial is not None and contract.rank() == 0:
         reporter(trial).checkpoint_saved(int(step))

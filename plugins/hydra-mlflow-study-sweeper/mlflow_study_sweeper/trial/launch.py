@@ -38,9 +38,10 @@ from hydra.core.utils import (
 )
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from mlflow_study_sweeper import contract
 from mlflow_study_sweeper.keys import config_key
 from mlflow_study_sweeper.search.grammar import as_override
-from mlflow_study_sweeper.trial import job_side
+from mlflow_study_sweeper.trial import job_side, ranks
 from mlflow_study_sweeper.trial.job_side import TrialReporter
 
 IN_PROCESS_LAUNCHERS = ("BasicLauncher",)
@@ -91,8 +92,9 @@ class LauncherJobs:
     def run(
         self, number: int, values: dict[str, Any], env: dict[str, str], reporter: TrialReporter
     ) -> JobReturn:
-        overrides = task_overrides(self.fixed, values) + env_overrides(env)
-        (ret,) = self.launcher.launch([overrides], initial_job_idx=number)
+        task = task_overrides(self.fixed, values)
+        env = env | contract.overrides_variable(task)
+        (ret,) = self.launcher.launch([task + env_overrides(env)], initial_job_idx=number)
         return ret
 
 
@@ -139,8 +141,12 @@ class InProcessJobs:
     def run(
         self, number: int, values: dict[str, Any], env: dict[str, str], reporter: TrialReporter
     ) -> JobReturn:
-        with job_side.serving(reporter):
-            return self.run_here(number, values, env)
+        env = env | contract.overrides_variable(task_overrides(self.fixed, values))
+        # a job of several processes (DDP): its ranks end with it (trial.ranks)
+        with job_side.serving(reporter), ranks.TrialProcesses(reporter.trial_id) as processes:
+            ret = self.run_here(number, values, env)
+            processes.completed = ret.status == JobStatus.COMPLETED
+            return ret
 
     def run_here(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn:
         if self.through_hydra or any(self.selects_group(name) for name in values):
