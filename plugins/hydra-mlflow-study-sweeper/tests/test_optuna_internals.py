@@ -40,6 +40,26 @@ def test_ids_and_storage_reach_the_same_trial(study):
     assert live.number == trial.number and live.params == trial.params
 
 
+def test_ask_new_is_ask_with_attributes_from_the_trials_creation(study):
+    """The loop's ask: a new trial as study.ask makes one, sampled from the space, carrying the
+    worker's label from its first write; an enqueued trial is left for study.ask."""
+    space = {"x": FloatDistribution(0, 1), "n": IntDistribution(1, 4)}
+    first = study.ask(space)
+    study.enqueue_trial({"x": 0.5, "n": 2})
+    with optuna_quietly():
+        trial = internals.ask_new(study, space, {"worker": {"host": "h", "pid": "1"}})
+    frozen = internals.frozen(study, internals.trial_id(trial))
+    assert trial.number == frozen.number == first.number + 2
+    assert frozen.state == TrialState.RUNNING and frozen.datetime_start is not None
+    assert frozen.system_attrs["worker"] == {"host": "h", "pid": "1"}
+    assert set(trial.params) == {"x", "n"} and frozen.params == trial.params
+    assert frozen.distributions == space
+    study.tell(trial, 1.0)
+    assert study.get_trials()[trial.number].state == TrialState.COMPLETE
+    # the enqueued one is still there for study.ask to hand out
+    assert study.ask(space).params == {"x": 0.5, "n": 2}
+
+
 def test_attributes_and_states_through_the_storage(study):
     trial_id = internals.trial_id(study.ask())
     internals.set_study_system_attr(study, "k", {"a": 1})

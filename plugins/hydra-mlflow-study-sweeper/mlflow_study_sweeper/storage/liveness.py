@@ -82,6 +82,18 @@ def label_trial(study: optuna.Study, trial_id: int) -> None:
     optuna_internals.set_trial_system_attr(study, trial_id, keys.WORKER, worker_label())
 
 
+def ask_labelled(study: optuna.Study, space: dict[str, Any], waiting: bool) -> optuna.Trial:
+    """The next trial, labelled with this worker: a new one in the write that creates it, or,
+    when the study may hold enqueued (WAITING) trials (`waiting`: a read just now found one, or
+    this worker enqueued one since), what `ask` hands out, labelled right after. A trial that
+    another worker enqueues after that read waits for the next ask."""
+    if waiting:
+        trial = study.ask(space)
+        label_trial(study, optuna_internals.trial_id(trial))
+        return trial
+    return optuna_internals.ask_new(study, space, {keys.WORKER: worker_label()})
+
+
 def watched(study: optuna.Study) -> bool:
     """Whether trials of other machines have heartbeats here (RDB storages)."""
     return optuna_internals.heartbeat_interval(study) is not None

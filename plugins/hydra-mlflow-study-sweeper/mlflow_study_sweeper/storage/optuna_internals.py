@@ -50,6 +50,33 @@ def live_trial(study: optuna.Study, trial_id: int) -> optuna.Trial:
     return optuna.trial.Trial(study, trial_id)
 
 
+def ask_new(
+    study: optuna.Study, space: dict[str, BaseDistribution], system_attrs: dict[str, Any]
+) -> optuna.Trial:
+    """study.ask(space), for a study whose enqueued (WAITING) trials are none or left to a
+    later ask: a new trial, which carries `system_attrs` from the transaction that creates it,
+    and no read of the waiting trials first (ask's first call to the storage)."""
+    study._thread_local.cached_all_trials = None  # as ask does: samplers read the trials anew
+    template = FrozenTrial(
+        number=-1,  # the storage numbers it
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(),
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs=system_attrs,
+        intermediate_values={},
+        trial_id=-1,
+    )
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    trial = optuna.trial.Trial(study, trial_id)
+    for name, distribution in space.items():
+        trial._suggest(name, distribution)
+    return trial
+
+
 # ---- attributes and states, through the storage --------------------------------------------------
 def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
     return study._storage.get_study_system_attrs(study._study_id)

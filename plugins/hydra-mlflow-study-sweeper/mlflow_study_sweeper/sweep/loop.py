@@ -119,7 +119,8 @@ class TrialLoop:
                 return LoopEnd(Ending.GRID_USED_UP)
             if self.deadline is not None and time.time() + expected_seconds(trials) > self.deadline:
                 return LoopEnd(Ending.OUT_OF_BUDGET)
-            for note in resume.enqueue_continuations(self.study, trials):
+            enqueued = resume.enqueue_continuations(self.study, trials)
+            for note in enqueued:
                 print(note, flush=True)
             for note in retry.enqueue_retries(self.study, trials):
                 print(note, flush=True)
@@ -132,9 +133,8 @@ class TrialLoop:
                 time.sleep(1)  # the last trials: recover() fails them if their worker dies
                 continue
             with optuna_quietly():
-                trial = self.study.ask(self.space)
-            trial_id = optuna_internals.trial_id(trial)
-            liveness.label_trial(self.study, trial_id)
+                waiting = bool(enqueued) or any(t.state == TrialState.WAITING for t in trials)
+                trial = liveness.ask_labelled(self.study, self.space, waiting)
             crash_point("after-ask")
             if self.surplus(trial, trials):
                 continue
