@@ -126,3 +126,37 @@ def test_a_search_space_functions_params_reach_the_job_as_hydras_own_path_has_th
             assert "momentum: 0.0\n" in fast[file] and "momentum" not in overrides
         else:
             assert "- optimizer.momentum=" in overrides
+
+
+def test_yaml_blocks_render_what_to_yaml_renders_as_values_change():
+    """.hydra/ files are rendered again only where a trial changed them: the same text as
+    OmegaConf.to_yaml, whatever changes between two trials."""
+    from omegaconf import OmegaConf
+
+    blocks = launch.YamlBlocks()
+    steps = [
+        {"a": 1, "b": {"c": [1, 2], "d": "x: y"}, "e": None, "f": {}, "g": []},
+        {"a": True, "b": {"c": [1, 2], "d": "x: y"}, "e": None, "f": {}, "g": []},
+        {"a": 1.0, "b": {"c": [1, 3], "d": "yes"}, "e": "${x}", "f": {"k": 1}, "g": ["-"]},
+        {"a": "1", "b": {"d": "é " * 60}, "e": None, "f": {}, "g": [{"h": 1}]},
+        {"a": 1, "b": {"c": [1, 2], "d": "x: y"}, "e": None, "f": {}, "g": []},
+    ]
+    for values in steps:
+        node = OmegaConf.create(values)
+        assert blocks(node) == OmegaConf.to_yaml(node)
+    assert blocks(OmegaConf.create({})) == OmegaConf.to_yaml(OmegaConf.create({}))
+
+
+@pytest.mark.parametrize(
+    "value, only_time",
+    [
+        ("multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}", True),  # Hydra's default
+        ("/abs/sweeps", True),
+        ("multirun/${hydra.job.name}/${now:%H}", False),
+        ("multirun/${x}", False),
+        ("${now:${x}}", False),
+        (None, False),
+    ],
+)
+def test_a_sweep_folder_is_resolved_once_only_when_it_names_nothing_but_the_time(value, only_time):
+    assert launch.only_the_time(value) == only_time

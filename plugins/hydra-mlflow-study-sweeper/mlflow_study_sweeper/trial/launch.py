@@ -20,10 +20,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+import yaml
 from hydra import version
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -37,6 +39,7 @@ from hydra.core.utils import (
     setup_globals,
 )
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf._utils import get_omega_conf_dumper  # what OmegaConf.to_yaml dumps with
 
 from mlflow_study_sweeper.keys import config_key
 from mlflow_study_sweeper.search.grammar import as_override
@@ -128,8 +131,14 @@ class InProcessJobs:
         # the command line's hydra.* overrides, as text (they may hold ${...})
         self.hydra_overrides = OmegaConf.to_container(config.hydra.overrides.hydra)
         self.hydra_yaml = HydraYaml()
+        self.config_yaml = YamlBlocks()  # .hydra/config.yaml: the searched keys' blocks change
         # the fixed overrides, parsed once: override_dirname lists them with the trial's values
         self.fixed_keys = [o.key_or_group for o in OverridesParser.create().parse_overrides(fixed)]
+        # hydra.sweep.dir and .subdir as written: resolved once when they interpolate nothing a
+        # trial sets (see prepare)
+        sweep = OmegaConf.to_container(base.hydra.sweep, resolve=False)
+        self.raw_sweep_dir, self.raw_subdir = sweep.get("dir"), sweep.get("subdir")
+        self.sweep_dir: str | None = None
         # Hydra callbacks may keep the config they get; a job's working directory changes by
         # default below version_base 1.2, with Hydra's warning: both are left to Hydra
         old_chdir = base.hydra.job.chdir is None and not version.base_at_least("1.2")
@@ -199,12 +208,18 @@ class InProcessJobs:
                 dirname.item_sep,
                 dirname.kv_sep,
             )
-            output_dir = str(OmegaConf.select(cfg, "hydra.sweep.dir"))
-            subdir = OmegaConf.select(cfg, "hydra.sweep.subdir")
+            # resolved as load_sweep_config's config is: with the sweep config's cache (${now:})
+            OmegaConf.copy_cache(from_config=self.config, to_config=cfg)
+            output_dir = self.sweep_dir or str(OmegaConf.select(cfg, "hydra.sweep.dir"))
+            if self.sweep_dir is None and only_the_time(self.raw_sweep_dir):
+                self.sweep_dir = output_dir  # the same for every trial
+            if self.raw_subdir == "${hydra.job.num}":  # Hydra's default
+                subdir = number
+            else:
+                subdir = OmegaConf.select(cfg, "hydra.sweep.subdir")
             if subdir is not None:
                 output_dir = os.path.join(output_dir, str(subdir))
             cfg.hydra.runtime.output_dir = os.path.abspath(output_dir)
-        OmegaConf.copy_cache(from_config=self.config, to_config=cfg)
         return cfg
 
     def restore(self, cfg: DictConfig, key: str) -> None:
@@ -252,7 +267,7 @@ class InProcessJobs:
             if hydra.output_subdir is not None:
                 folder = Path(output_dir) / str(hydra.output_subdir)
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / "config.yaml").write_text(OmegaConf.to_yaml(task_cfg), encoding="utf-8")
+                (folder / "config.yaml").write_text(self.config_yaml(task_cfg), encoding="utf-8")
                 (folder / "hydra.yaml").write_text(self.hydra_yaml(config), encoding="utf-8")
                 (folder / "overrides.yaml").write_text(
                     OmegaConf.to_yaml(hydra.overrides.task), encoding="utf-8"
@@ -276,21 +291,57 @@ class InProcessJobs:
 
 class HydraYaml:
     """What Hydra writes to .hydra/hydra.yaml (the hydra node under its key), rendered again
-    only where a trial changes it: `job`, `overrides` and `runtime`. The other parts' text is
-    kept from the first trial."""
+    only where a trial changes it: `job`, `overrides` and `runtime`, and within those only the
+    keys whose value changed (see YamlBlocks). The other parts' text is kept from the first
+    trial."""
 
     PER_TRIAL = ("job", "overrides", "runtime")
 
     def __init__(self) -> None:
         self.parts: dict[str, str] = {}
+        self.blocks = {key: YamlBlocks() for key in self.PER_TRIAL}
 
     def __call__(self, config: DictConfig) -> str:
         if not self.parts:
             self.parts = split_top_level(OmegaConf.to_yaml(config.hydra))
         for key in self.PER_TRIAL:
             if key in self.parts:
-                self.parts[key] = nested(key, OmegaConf.to_yaml(config.hydra[key]))
+                self.parts[key] = nested(key, self.blocks[key](config.hydra[key]))
         return nested("hydra", "".join(self.parts.values()))
+
+
+class YamlBlocks:
+    """OmegaConf.to_yaml of a mapping that changes a few keys at a time: each top-level key's
+    text is kept, and rendered again only when its value changed (a block mapping's text is its
+    keys' texts one after another)."""
+
+    def __init__(self) -> None:
+        self.held: dict[Any, tuple[str, str]] = {}
+
+    def __call__(self, node: DictConfig) -> str:
+        container = OmegaConf.to_container(node, resolve=False, enum_to_str=True)
+        if not isinstance(container, dict) or not container:
+            return OmegaConf.to_yaml(node)
+        out = []
+        for key, value in container.items():
+            seen = repr(value)  # tells 1 from 1.0 and from True, as YAML does
+            held = self.held.get(key)
+            if held is None or held[0] != seen:
+                held = self.held[key] = (seen, yaml_text({key: value}))
+            out.append(held[1])
+        return "".join(out)
+
+
+def yaml_text(container: dict[Any, Any]) -> str:
+    """OmegaConf.to_yaml of a plain container (to_container's output), without making a config
+    of it first."""
+    return yaml.dump(
+        container,
+        default_flow_style=False,
+        allow_unicode=True,
+        sort_keys=False,
+        Dumper=get_omega_conf_dumper(),
+    )
 
 
 def split_top_level(text: str) -> dict[str, str]:
@@ -310,6 +361,12 @@ def nested(key: str, body: str) -> str:
     return f"{key}:\n" + "".join(
         f"  {line}" if line.strip() else line for line in body.splitlines(True)
     )
+
+
+def only_the_time(value: Any) -> bool:
+    """Whether a config value interpolates nothing but the time (`${now:%H-%M-%S}`, which Hydra
+    caches for the whole sweep): the sweep folder Hydra's default names."""
+    return isinstance(value, str) and "${" not in re.sub(r"\$\{now:[^${}]*\}", "", value)
 
 
 def override_dirname(
