@@ -160,3 +160,25 @@ def test_yaml_blocks_render_what_to_yaml_renders_as_values_change():
 )
 def test_a_sweep_folder_is_resolved_once_only_when_it_names_nothing_but_the_time(value, only_time):
     assert launch.only_the_time(value) == only_time
+
+
+def test_set_changed_leaves_what_an_assignment_leaves():
+    from omegaconf import OmegaConf, open_dict
+
+    steps = [
+        ("l", ["a=1", "b=${x}"]),
+        ("l", ["a=2", "b=${x}"]),  # one item changed
+        ("l", ["a=2"]),  # shorter
+        ("d", {"A": "1", "B": "2"}),
+        ("d", {"A": "1", "B": "3"}),
+        ("d", {"B": "3", "A": "1"}),  # the same keys in another order
+        ("d", {"A": 1, "B": "3"}),  # another type
+        ("d", None),
+    ]
+    fast, plain = OmegaConf.create({"x": 0}), OmegaConf.create({"x": 0})
+    with open_dict(fast), open_dict(plain):
+        for key, value in steps:
+            launch.set_changed(fast, key, value)
+            plain[key] = value
+            assert OmegaConf.to_yaml(fast) == OmegaConf.to_yaml(plain)
+            assert OmegaConf.to_container(fast, resolve=False) == OmegaConf.to_container(plain)
