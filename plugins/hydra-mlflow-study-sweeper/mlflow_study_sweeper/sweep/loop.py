@@ -80,6 +80,41 @@ class LoopSettings:
 
 
 @dataclass
+class Census:
+    """What the loop needs from one read of the study's trials, counted in one pass (a study of
+    a thousand trials is read once per trial)."""
+
+    finished: int = 0  # complete and pruned, imported ones apart (console.finished)
+    running: list[FrozenTrial] = field(default_factory=list)
+    waiting: bool = False  # an enqueued trial, for `ask` to hand out
+    mine: int = 0  # trials asked since this command started
+    errors: int = 0  # ... that failed by raising or by their timeout
+    dead: int = 0  # failed or imported: they never count as finished
+    failed: list[FrozenTrial] = field(default_factory=list)  # for continuations, retries
+
+    @classmethod
+    def of(cls, trials: list[FrozenTrial], first_number: int) -> Census:
+        census = cls()
+        for t in trials:
+            state, imported = t.state, keys.is_imported(t)
+            if state == TrialState.RUNNING:
+                census.running.append(t)
+            elif state == TrialState.WAITING:
+                census.waiting = True
+            elif state in (TrialState.COMPLETE, TrialState.PRUNED) and not imported:
+                census.finished += 1
+            if state == TrialState.FAIL or imported:
+                census.dead += 1
+            if t.number >= first_number:
+                census.mine += 1
+                if state == TrialState.FAIL and keys.failure(t) in ("error", "timeout"):
+                    census.errors += 1
+            if state == TrialState.FAIL:
+                census.failed.append(t)
+        return census
+
+
+@dataclass
 class TrialLoop:
     study: optuna.Study
     space: dict[str, Any]
@@ -107,11 +142,13 @@ class TrialLoop:
     def run(self) -> LoopEnd:
         while True:
             trials = self.study.get_trials(deepcopy=False)
-            if self.recover(trials=trials):
+            census = Census.of(trials, self.first_number)
+            if census.running and self.recover(trials=census.running):
                 trials = self.study.get_trials(deepcopy=False)
-            finished = console.finished(trials)
+                census = Census.of(trials, self.first_number)
+            finished = census.finished
             self.print_result(trials, finished)
-            self.check_failure_budget(trials)
+            self.check_failure_budget(census)
             if finished >= self.settings.n_trials:
                 return LoopEnd(Ending.FINISHED)
             sampler = self.study.sampler
@@ -119,13 +156,12 @@ class TrialLoop:
                 return LoopEnd(Ending.GRID_USED_UP)
             if self.deadline is not None and time.time() + expected_seconds(trials) > self.deadline:
                 return LoopEnd(Ending.OUT_OF_BUDGET)
-            enqueued = resume.enqueue_continuations(self.study, trials)
+            enqueued = resume.enqueue_continuations(self.study, census.failed)
+            enqueued += retry.enqueue_retries(self.study, census.failed)
             for note in enqueued:
                 print(note, flush=True)
-            for note in retry.enqueue_retries(self.study, trials):
-                print(note, flush=True)
             # trials in training; an enqueued (WAITING) one is for `ask` below to hand out
-            training = sum(1 for t in trials if t.state == TrialState.RUNNING)
+            training = len(census.running)
             if finished + training >= self.settings.n_trials:
                 unwatched = self.running_unwatched(trials)
                 if unwatched:  # trials whose death this command could not see
@@ -133,10 +169,10 @@ class TrialLoop:
                 time.sleep(1)  # the last trials: recover() fails them if their worker dies
                 continue
             with optuna_quietly():
-                waiting = bool(enqueued) or any(t.state == TrialState.WAITING for t in trials)
+                waiting = bool(enqueued) or census.waiting
                 trial = liveness.ask_labelled(self.study, self.space, waiting)
             crash_point("after-ask")
-            if self.surplus(trial, trials):
+            if self.surplus(trial, census):
                 continue
             started = time.perf_counter()
             frozen = self.run_trial(trial)
@@ -151,8 +187,9 @@ class TrialLoop:
             trials = self.study.get_trials(deepcopy=False)
             if self.recover(trials=trials):
                 trials = self.study.get_trials(deepcopy=False)
-            self.check_failure_budget(trials)
-            if console.finished(trials) >= self.settings.n_trials:
+            census = Census.of(trials, self.first_number)
+            self.check_failure_budget(census)
+            if census.finished >= self.settings.n_trials:
                 return LoopEnd(Ending.FINISHED)
             sampler = self.study.sampler
             if isinstance(sampler, ExhaustibleGridSampler) and sampler.exhausted(self.study):
@@ -200,38 +237,32 @@ class TrialLoop:
                 out.append(f"trial {t.number} (pid {pid} on {liveness.host_name(host)})")
         return out
 
-    def check_failure_budget(self, trials: list[FrozenTrial]) -> None:
-        mine = [t for t in trials if t.number >= self.first_number]
-        errors = sum(
-            1
-            for t in mine
-            if t.state == TrialState.FAIL and keys.failure(t) in ("error", "timeout")
-        )
+    def check_failure_budget(self, census: Census) -> None:
+        mine, errors = census.mine, census.errors
         if errors >= 2 * self.settings.n_trials + 10:
             # max_failure_rate=1.0 never stops on the rate: a command whose every trial fails
             # would otherwise ask for trials forever
             raise SweepStopped(
-                f"{errors} of {len(mine)} trials started by this command failed (twice "
+                f"{errors} of {mine} trials started by this command failed (twice "
                 f"n_trials plus 10): the sweep stopped. See each failed run's failure_reason tag "
                 f"in MLflow, fix the cause and rerun the command to resume."
             )
         # judged against the planned trials until more than that have run, so that one early
         # failure does not look like a 100% rate
-        if errors > self.settings.max_failure_rate * max(self.settings.n_trials, len(mine)):
+        if errors > self.settings.max_failure_rate * max(self.settings.n_trials, mine):
             raise SweepStopped(
-                f"{errors} of {len(mine)} trials started by this command failed, more than "
+                f"{errors} of {mine} trials started by this command failed, more than "
                 f"hydra.sweeper.max_failure_rate={self.settings.max_failure_rate} allows: the "
                 f"sweep stopped. See each failed run's failure_reason tag in MLflow; fix the "
                 f"cause, or raise max_failure_rate (at 1.0 the sweep stops only after 2 x "
                 f"n_trials + 10 failures), and rerun the command to resume."
             )
 
-    def surplus(self, trial: optuna.Trial, before: list[FrozenTrial]) -> bool:
+    def surplus(self, trial: optuna.Trial, before: Census) -> bool:
         """Another worker asked for the last trial at the same moment: give this one back."""
         # the trials numbered below this one that were failed or imported stay so: if the rest
         # cannot reach n_trials, there is nothing to read
-        dead = sum(1 for t in before if t.state == TrialState.FAIL or keys.is_imported(t))
-        if trial.number - dead < self.settings.n_trials:
+        if trial.number - before.dead < self.settings.n_trials:
             return False
         ahead = [
             t
