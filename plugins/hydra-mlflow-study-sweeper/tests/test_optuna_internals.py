@@ -175,3 +175,25 @@ def test_every_call_of_optunas_cache_into_the_storage_waits_out_an_outage():
     once = {"record_heartbeat", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
     assert {name for name in called if name not in own} == once
     assert all(hasattr(RDBStorage, name) for name in internals._RETRIED)
+
+
+def test_trials_beat_while_they_train_and_not_after(tmp_path):
+    """One thread of the process beats for its trials: the first beat after FIRST_BEAT_S, then
+    one per interval, none once a trial is over (liveness.Heartbeat)."""
+    from mlflow_study_sweeper.storage import liveness
+
+    with optuna_quietly():
+        study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path}/o.db", 1, 4))
+    try:
+        quick, long = (internals.trial_id(study.ask()) for _ in range(2))
+        with liveness.Heartbeat(study, quick):
+            pass  # shorter than the first beat: no write
+        with liveness.Heartbeat(study, long):
+            time.sleep(liveness.FIRST_BEAT_S + 1.5)
+            ages = internals.heartbeat_ages(study)
+            assert ages[quick] is None and ages[long] is not None and ages[long] < 2
+        assert liveness.BEATS.due == {} and liveness.BEATS.beating is None
+        time.sleep(2.2)
+        assert internals.heartbeat_ages(study)[long] >= 2  # silent since the trial ended
+    finally:
+        internals.close(study)
