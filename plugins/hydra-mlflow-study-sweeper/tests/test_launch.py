@@ -182,3 +182,22 @@ def test_set_changed_leaves_what_an_assignment_leaves():
             plain[key] = value
             assert OmegaConf.to_yaml(fast) == OmegaConf.to_yaml(plain)
             assert OmegaConf.to_container(fast, resolve=False) == OmegaConf.to_container(plain)
+
+
+def test_hydra_yaml_is_what_hydra_writes_long_values_included(tmp_path):
+    """hydra.yaml as Hydra writes it (to_yaml of the masked hydra node), trial after trial: a long
+    value wraps where it wraps in the whole document, not where it would at the left margin."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True, overrides=["x=2"])
+    render = launch.HydraYaml()
+    for number, env in enumerate(["word " * 20, "w" * 90, "short", "word " * 30]):
+        with open_dict(cfg):
+            cfg.hydra.job.num = number
+            cfg.hydra.job.env_set = {"LONG": env, "N": str(number)}
+            cfg.hydra.overrides.task = [f"x={number}", f"+c={env}"]
+            cfg.hydra.runtime.output_dir = f"/tmp/{'folder ' * 12}/{number}"
+        assert render(cfg) == OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, "hydra"))

@@ -291,49 +291,76 @@ class InProcessJobs:
 
 
 class HydraYaml:
-    """What Hydra writes to .hydra/hydra.yaml (the hydra node under its key), rendered again
-    only where a trial changes it: `job`, `overrides` and `runtime`, and within those only the
-    keys whose value changed (see YamlBlocks). The other parts' text is kept from the first
-    trial."""
+    """What Hydra writes to .hydra/hydra.yaml, OmegaConf.to_yaml of the hydra node under its
+    key, rendered again only where a trial changes it: `job`, `overrides` and `runtime`, and
+    within those only the keys whose value changed (see YamlBlocks). The other parts' text is
+    kept from the first trial."""
 
     PER_TRIAL = ("job", "overrides", "runtime")
 
     def __init__(self) -> None:
         self.parts: dict[str, str] = {}
-        self.blocks = {key: YamlBlocks() for key in self.PER_TRIAL}
+        self.blocks = {key: YamlBlocks(("hydra", key)) for key in self.PER_TRIAL}
 
     def __call__(self, config: DictConfig) -> str:
         if not self.parts:
-            self.parts = split_top_level(OmegaConf.to_yaml(config.hydra))
+            hydra = OmegaConf.to_container(config.hydra, resolve=False, enum_to_str=True)
+            self.parts = split_keys(drop_lines(yaml_text({"hydra": hydra}), 1), indent=2)
         for key in self.PER_TRIAL:
             if key in self.parts:
-                self.parts[key] = nested(key, self.blocks[key](config.hydra[key]))
-        return nested("hydra", "".join(self.parts.values()))
+                self.parts[key] = self.blocks[key](config.hydra[key])
+        return "hydra:\n" + "".join(self.parts.values())
 
 
 class YamlBlocks:
-    """OmegaConf.to_yaml of a mapping that changes a few keys at a time: each top-level key's
-    text is kept, and rendered again only when its value changed (a block mapping's text is its
-    keys' texts one after another)."""
+    """OmegaConf.to_yaml of a mapping that changes a few keys at a time, each key's text kept
+    and rendered again only when its value changed (a block mapping's text is its keys' texts
+    one after another). `path`: where the mapping is in the document (its keys are rendered
+    there, as deep as in the whole document: a long string wraps at the same place)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: tuple[str, ...] = ()) -> None:
+        self.path = path
         self.held: dict[Any, tuple[str, str]] = {}
+        self.heading = ""  # the line of the mapping's own key, at the end of `path`
 
     def __call__(self, node: DictConfig) -> str:
         container = OmegaConf.to_container(node, resolve=False, enum_to_str=True)
+        depth = len(self.path)
         if not isinstance(container, dict) or not container:
-            return OmegaConf.to_yaml(node)
+            if not self.path:
+                return OmegaConf.to_yaml(node)
+            return drop_lines(
+                yaml_text(under(self.path[:-1], {self.path[-1]: container})), depth - 1
+            )
         out = []
         for key, value in container.items():
             seen = repr(value)  # tells 1 from 1.0 and from True, as YAML does
             held = self.held.get(key)
             if held is None or held[0] != seen:
-                held = self.held[key] = (seen, yaml_text({key: value}))
+                text = yaml_text(under(self.path, {key: value}))
+                held = self.held[key] = (seen, drop_lines(text, depth))
+                if depth:
+                    self.heading = drop_lines(text, depth - 1)[: -len(held[1])]
             out.append(held[1])
-        return "".join(out)
+        return (self.heading if depth else "") + "".join(out)
 
 
-def yaml_text(container: dict[Any, Any]) -> str:
+def under(path: tuple[str, ...], mapping: dict[Any, Any]) -> dict[Any, Any]:
+    """`mapping` as the value at `path` of a document that holds nothing else."""
+    for key in reversed(path):
+        mapping = {key: mapping}
+    return mapping
+
+
+def drop_lines(text: str, n: int) -> str:
+    """`text` without its first `n` lines (only newlines end a line: a YAML text's other line
+    separators are inside its scalars)."""
+    for _ in range(n):
+        text = text.split("\n", 1)[1]
+    return text
+
+
+def yaml_text(container: Any) -> str:
     """OmegaConf.to_yaml of a plain container (to_container's output), without making a config
     of it first."""
     return yaml.dump(
@@ -345,23 +372,18 @@ def yaml_text(container: dict[Any, Any]) -> str:
     )
 
 
-def split_top_level(text: str) -> dict[str, str]:
-    """A block-style YAML mapping's text, split at its top-level keys (in their order)."""
+def split_keys(text: str, indent: int = 0) -> dict[str, str]:
+    """A block-style YAML mapping's text (its keys `indent` spaces in), split at its keys, in
+    their order."""
     parts: dict[str, str] = {}
     key = None
-    for line in text.splitlines(True):
-        if line[:1] not in (" ", "-", "\n", ""):  # a top-level key: `name:` at column 0
-            key = line.split(":", 1)[0]
+    margin = " " * indent
+    for line in text.split("\n")[:-1]:
+        if line.startswith(margin) and line[indent : indent + 1] not in (" ", "-", ""):
+            key = line[indent:].split(":", 1)[0]
             parts[key] = ""
-        parts[key] += line
+        parts[key] += line + "\n"
     return parts
-
-
-def nested(key: str, body: str) -> str:
-    """`body` (a mapping's YAML) as the value of `key` in a block mapping."""
-    return f"{key}:\n" + "".join(
-        f"  {line}" if line.strip() else line for line in body.splitlines(True)
-    )
 
 
 def set_changed(node: DictConfig, key: str, value: list[Any] | dict[str, Any]) -> None:
