@@ -201,3 +201,67 @@ def test_hydra_yaml_is_what_hydra_writes_long_values_included(tmp_path):
             cfg.hydra.overrides.task = [f"x={number}", f"+c={env}"]
             cfg.hydra.runtime.output_dir = f"/tmp/{'folder ' * 12}/{number}"
         assert render(cfg) == OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, "hydra"))
+
+
+def test_the_sweeps_logging_comes_back_when_a_record_comes(tmp_path, monkeypatch):
+    """After a job, the sweep's logging is set up by the first record made, not before: a record
+    between two trials goes where the sweep's logging sends it, not to the job's log; a job
+    that starts first takes the stand-in down unused."""
+    import logging
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import configure_log
+    from omegaconf import open_dict
+
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.name = "app"
+    setups = []
+    real = launch.configure_log
+    monkeypatch.setattr(launch, "configure_log", lambda *a: setups.append(a) or real(*a))
+    factory = logging.getLogRecordFactory()
+    sweep = launch.SweepLogging(cfg.hydra.hydra_logging, cfg.hydra.verbose, cfg.hydra.job_logging)
+    assert sweep.lazy and sweep.level == logging.INFO
+    try:
+        for trial, between in ((0, False), (1, True), (2, False)):
+            sweep.before_job()
+            with open_dict(cfg):
+                cfg.hydra.runtime.output_dir = str(tmp_path / str(trial))
+            (tmp_path / str(trial)).mkdir()
+            configure_log(cfg.hydra.job_logging, cfg.hydra.verbose)  # the job's, as run_job
+            logging.getLogger("job").info("in the job")
+            sweep.after_job()
+            assert setups == [] and logging.getLogRecordFactory() is not factory
+            if between:
+                logging.getLogger("sweeper").warning("between two trials")
+                assert len(setups) == 1 and logging.getLogRecordFactory() is factory
+                handlers = logging.getLogger().handlers
+                assert [h.formatter._fmt for h in handlers] == ["[%(asctime)s][HYDRA] %(message)s"]
+                setups.clear()
+        sweep.before_job()
+        assert logging.getLogRecordFactory() is factory
+        logs = [(tmp_path / str(trial) / "app.log").read_text() for trial in range(3)]
+        assert all("in the job" in log and "between" not in log for log in logs)
+    finally:
+        sweep.before_job()
+        configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+
+
+def test_the_sweeps_logging_is_set_up_at_once_where_a_stand_in_would_differ(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    from omegaconf import OmegaConf
+
+    hydra, job = cfg.hydra.hydra_logging, cfg.hydra.job_logging
+
+    plain = OmegaConf.to_container(hydra), OmegaConf.to_container(job, resolve=False)
+    disabling = OmegaConf.create({**plain[0], "disable_existing_loggers": True})
+    naming = OmegaConf.create({**plain[1], "loggers": {"mylib": {"level": "DEBUG"}}})
+    assert not launch.SweepLogging(disabling, False, job).lazy
+    assert not launch.SweepLogging(hydra, False, naming).lazy
+    assert launch.SweepLogging(hydra, True, job).level == 10  # verbose: DEBUG on the root

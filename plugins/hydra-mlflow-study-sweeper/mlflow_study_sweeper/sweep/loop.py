@@ -140,6 +140,12 @@ class TrialLoop:
 
     # -- the loop --
     def run(self) -> LoopEnd:
+        try:
+            return self.ask_run_tell()
+        finally:
+            self.jobs.close()  # the sweep's logging back after the last job
+
+    def ask_run_tell(self) -> LoopEnd:
         while True:
             trials = self.study.get_trials(deepcopy=False)
             census = Census.of(trials, self.first_number)

@@ -21,6 +21,7 @@ import copy
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +57,9 @@ class Jobs(Protocol):
     def run(
         self, number: int, values: dict[str, Any], env: dict[str, str], reporter: TrialReporter
     ) -> JobReturn: ...
+
+    def close(self) -> None:
+        """After the last trial of this command (a job's logging handed back)."""
 
 
 def job_error(ret: JobReturn) -> BaseException | None:
@@ -97,6 +101,9 @@ class LauncherJobs:
         overrides = task_overrides(self.fixed, values) + env_overrides(env)
         (ret,) = self.launcher.launch([overrides], initial_job_idx=number)
         return ret
+
+    def close(self) -> None:
+        pass
 
 
 class InProcessJobs:
@@ -143,6 +150,9 @@ class InProcessJobs:
         # default below version_base 1.2, with Hydra's warning: both are left to Hydra
         old_chdir = base.hydra.job.chdir is None and not version.base_at_least("1.2")
         self.through_hydra = bool(hydra_context.callbacks.callbacks) or old_chdir
+        self.sweep_logging = SweepLogging(
+            config.hydra.hydra_logging, config.hydra.verbose, base.hydra.job_logging
+        )
         setup_globals()
 
     def run(
@@ -152,6 +162,7 @@ class InProcessJobs:
             return self.run_here(number, values, env)
 
     def run_here(self, number: int, values: dict[str, Any], env: dict[str, str]) -> JobReturn:
+        self.sweep_logging.before_job()
         if self.through_hydra or any(self.selects_group(name) for name in values):
             cfg = self.compose_with_hydra(number, values, env)
             ret = run_job(
@@ -161,10 +172,11 @@ class InProcessJobs:
                 job_dir_key="hydra.sweep.dir",
                 job_subdir_key="hydra.sweep.subdir",
             )
+            self.sweep_logging.after_job(at_once=True)  # its logging is another config's
         else:
             ret = self.run_job(self.prepare(number, values, env), values)
-        # the job configured its own logging; the sweep's lines go on as before
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            # the job configured its own logging; the sweep's lines go on as before
+            self.sweep_logging.after_job()
         return ret
 
     def selects_group(self, name: str) -> bool:
@@ -172,6 +184,10 @@ class InProcessJobs:
             choices = self.cfg.hydra.runtime.choices
             self.groups[name] = selects_group(self.hydra_context, choices, name)
         return self.groups[name]
+
+    def close(self) -> None:
+        self.sweep_logging.before_job()  # set up now if a record has not done it yet
+        self.sweep_logging.set_up()
 
     def compose_with_hydra(
         self, number: int, values: dict[str, Any], env: dict[str, str]
@@ -288,6 +304,92 @@ class InProcessJobs:
             holder.cfg = orig_hydra_cfg
             if chdir:
                 os.chdir(old_cwd)
+
+
+class SweepLogging:
+    """The sweep's own logging (hydra.hydra_logging) back after each trial's job.
+
+    Hydra's configure_log sets it up (a logging.config setup: a tenth of a toy trial) when the
+    first log record after the job is made: a record factory stands in for it until then, with
+    the root logger at the level the sweep's logging gives it. A next job that starts first
+    takes the stand-in down unused; between two trials the sweeper logs only by exception, so
+    most trials save a setup, and a record made between two trials goes where it went before.
+    Where the sweep's logging does more than set the root logger's handlers and level (named
+    loggers' handlers, disabled loggers, incremental), or the job's logging configures named
+    loggers, the sweep's logging is set up at once after each job, as Hydra's launcher does.
+    """
+
+    def __init__(self, log_config: Any, verbose: Any, job_config: Any) -> None:
+        self.log_config, self.verbose = log_config, verbose
+        self.lock = threading.Lock()
+        self.pending: tuple[Any, Any] | None = None  # the stand-in factory, and the one before
+        self.lazy, self.level = self.stand_in(log_config, verbose, job_config)
+
+    @staticmethod
+    def stand_in(log_config: Any, verbose: Any, job_config: Any) -> tuple[bool, int | None]:
+        """Whether a stand-in is exact for this logging, and the root level it sets (None: the
+        root logger's level is left as it is)."""
+        if log_config is None or job_config is None:
+            return False, None
+        conf = OmegaConf.to_container(log_config, resolve=True)
+        job = OmegaConf.to_container(job_config, resolve=False)
+        root, loggers = conf.get("root"), conf.get("loggers") or {}
+        if (
+            not isinstance(root, dict)
+            or set(root) - {"level", "handlers"}
+            or conf.get("incremental")
+            or conf.get("disable_existing_loggers", True)
+            or any(set(v or {}) - {"level"} for v in loggers.values())
+            or job.get("loggers")
+            or job.get("incremental")
+        ):
+            return False, None
+        level = root.get("level")
+        if isinstance(level, str):
+            level = logging.getLevelName(level)
+        if level is not None and not isinstance(level, int):
+            return False, None
+        if verbose is True:
+            level = logging.DEBUG
+        return True, level
+
+    def after_job(self, at_once: bool = False) -> None:
+        if at_once or not self.lazy:
+            self.set_up()
+            return
+        with self.lock:
+            if self.level is not None:
+                logging.getLogger().setLevel(self.level)
+            before = logging.getLogRecordFactory()
+
+            def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+                self.switch(factory)
+                return before(*args, **kwargs)
+
+            self.pending = (factory, before)
+            logging.setLogRecordFactory(factory)
+
+    def switch(self, factory: Any) -> None:
+        """A record is being made after a job: the sweep's logging, set up for it."""
+        with self.lock:
+            if self.pending is None or self.pending[0] is not factory:
+                return  # taken down by a job that started, or set up by another record
+            self.take_down()
+            self.set_up()
+
+    def before_job(self) -> None:
+        with self.lock:  # after a setup that a record started, if one is under way
+            self.take_down()
+
+    def take_down(self) -> None:
+        if self.pending is not None:
+            factory, before = self.pending
+            self.pending = None
+            if logging.getLogRecordFactory() is factory:
+                logging.setLogRecordFactory(before)
+
+    def set_up(self) -> None:
+        configure_log(self.log_config, self.verbose)
 
 
 class HydraYaml:
