@@ -146,6 +146,7 @@ class InProcessJobs:
         sweep = OmegaConf.to_container(base.hydra.sweep, resolve=False)
         self.raw_sweep_dir, self.raw_subdir = sweep.get("dir"), sweep.get("subdir")
         self.sweep_dir: str | None = None
+        self.last_set: dict[str, Any] = {}  # the lists and mappings prepare set last
         # Hydra callbacks may keep the config they get; a job's working directory changes by
         # default below version_base 1.2, with Hydra's warning: both are left to Hydra
         old_chdir = base.hydra.job.chdir is None and not version.base_at_least("1.2")
@@ -215,9 +216,13 @@ class InProcessJobs:
             job.id = number
             job.num = number
             overrides = cfg.hydra.overrides
-            set_changed(overrides, "task", task)
-            set_changed(overrides, "hydra", [*self.hydra_overrides, *env_overrides(env)])
-            set_changed(job, "env_set", {**self.base_env, **env})
+            # what was set for the last trial is what these nodes hold (only this sets them)
+            last = self.last_set
+            last["task"] = set_changed(overrides, "task", task, last.get("task"))
+            hydra_overrides = [*self.hydra_overrides, *env_overrides(env)]
+            last["hydra"] = set_changed(overrides, "hydra", hydra_overrides, last.get("hydra"))
+            env_set = {**self.base_env, **env}
+            last["env_set"] = set_changed(job, "env_set", env_set, last.get("env_set"))
             dirname = job.config.override_dirname
             job.override_dirname = override_dirname(
                 zip([*self.fixed_keys, *map(config_key, values)], task, strict=True),
@@ -262,7 +267,8 @@ class InProcessJobs:
         this config until the next trial); the task gets a copy of the app's part alone."""
         holder = HydraConfig.instance()
         old_cwd, orig_hydra_cfg = os.getcwd(), holder.cfg
-        OmegaConf.set_readonly(config.hydra, True)
+        if not OmegaConf.is_readonly(config.hydra):  # it stays so after the first trial
+            OmegaConf.set_readonly(config.hydra, True)
         holder.cfg = config
         hydra = config.hydra
         output_dir = hydra.runtime.output_dir
@@ -407,10 +413,13 @@ class HydraYaml:
     def __call__(self, config: DictConfig) -> str:
         if not self.parts:
             hydra = OmegaConf.to_container(config.hydra, resolve=False, enum_to_str=True)
-            self.parts = split_keys(drop_lines(yaml_text({"hydra": hydra}), 1), indent=2)
-        for key in self.PER_TRIAL:
-            if key in self.parts:
-                self.parts[key] = self.blocks[key](config.hydra[key])
+            self.parts = dict(
+                zip(hydra, split_blocks(drop_lines(yaml_text({"hydra": hydra}), 1), 2), strict=True)
+            )
+        per_trial = [key for key in self.PER_TRIAL if key in self.parts]
+        nodes = [config.hydra[key] for key in per_trial]
+        texts = render([self.blocks[key] for key in per_trial], nodes)
+        self.parts.update(zip(per_trial, texts, strict=True))
         return "hydra:\n" + "".join(self.parts.values())
 
 
@@ -422,29 +431,60 @@ class YamlBlocks:
 
     def __init__(self, path: tuple[str, ...] = ()) -> None:
         self.path = path
-        self.held: dict[Any, tuple[str, str]] = {}
+        self.held: dict[Any, tuple[str, str]] = {}  # key: (its value's repr, its text)
         self.heading = ""  # the line of the mapping's own key, at the end of `path`
 
     def __call__(self, node: DictConfig) -> str:
-        container = OmegaConf.to_container(node, resolve=False, enum_to_str=True)
-        depth = len(self.path)
-        if not isinstance(container, dict) or not container:
-            if not self.path:
-                return OmegaConf.to_yaml(node)
-            return drop_lines(
-                yaml_text(under(self.path[:-1], {self.path[-1]: container})), depth - 1
-            )
-        out = []
-        for key, value in container.items():
-            seen = repr(value)  # tells 1 from 1.0 and from True, as YAML does
-            held = self.held.get(key)
-            if held is None or held[0] != seen:
-                text = yaml_text(under(self.path, {key: value}))
-                held = self.held[key] = (seen, drop_lines(text, depth))
-                if depth:
-                    self.heading = drop_lines(text, depth - 1)[: -len(held[1])]
-            out.append(held[1])
-        return (self.heading if depth else "") + "".join(out)
+        return render([self], [node])[0]
+
+    def changed(self, container: dict[Any, Any]) -> dict[Any, Any]:
+        """The keys whose text is not kept (repr tells 1 from 1.0 and from True, as YAML does)."""
+        held = self.held
+        return {
+            key: value
+            for key, value in container.items()
+            if key not in held or held[key][0] != repr(value)
+        }
+
+
+def render(blocks: list[YamlBlocks], nodes: list[DictConfig]) -> list[str]:
+    """The text of each block's mapping (`nodes`, each at its block's path in one document):
+    what changed in any of them is rendered in one dump, split again at its keys."""
+    containers = [OmegaConf.to_container(n, resolve=False, enum_to_str=True) for n in nodes]
+    document: dict[Any, Any] = {}
+    whole: list[str | None] = []
+    for block, container in zip(blocks, containers, strict=True):
+        if not isinstance(container, dict) or not container:  # not a mapping of keys
+            if block.path:
+                text = yaml_text(under(block.path[:-1], {block.path[-1]: container}))
+                whole.append(drop_lines(text, len(block.path) - 1))
+            else:
+                whole.append(yaml_text(container))
+            continue
+        whole.append(None)
+        changed = block.changed(container)
+        if changed or (block.path and not block.heading):
+            mapping = document
+            for key in block.path:
+                mapping = mapping.setdefault(key, {})
+            mapping.update(changed)
+    if document:
+        rendered = {(): yaml_text(document)}
+        for block, container, text in zip(blocks, containers, whole, strict=True):
+            if text is not None:
+                continue
+            mapping, body, indent = document, rendered[()], 0
+            for key in block.path:  # down to the block's own keys
+                pieces = dict(zip(mapping, split_blocks(body, indent), strict=True))
+                heading, body = pieces[key].split("\n", 1)
+                block.heading = heading + "\n"
+                mapping, indent = mapping[key], indent + 2
+            for key, piece in zip(mapping, split_blocks(body, indent), strict=True):
+                block.held[key] = (repr(container[key]), piece)
+    return [
+        text if text is not None else block.heading + "".join(block.held[k][1] for k in container)
+        for block, container, text in zip(blocks, containers, whole, strict=True)
+    ]
 
 
 def under(path: tuple[str, ...], mapping: dict[Any, Any]) -> dict[Any, Any]:
@@ -474,36 +514,38 @@ def yaml_text(container: Any) -> str:
     )
 
 
-def split_keys(text: str, indent: int = 0) -> dict[str, str]:
-    """A block-style YAML mapping's text (its keys `indent` spaces in), split at its keys, in
-    their order."""
-    parts: dict[str, str] = {}
-    key = None
-    margin = " " * indent
+def split_blocks(text: str, indent: int = 0) -> list[str]:
+    """A block-style YAML mapping's text (its keys `indent` spaces in), split before each key,
+    in their order (a key's line starts at the indent with neither a space nor a `-`)."""
+    blocks: list[str] = []
     for line in text.split("\n")[:-1]:
-        if line.startswith(margin) and line[indent : indent + 1] not in (" ", "-", ""):
-            key = line[indent:].split(":", 1)[0]
-            parts[key] = ""
-        parts[key] += line + "\n"
-    return parts
+        if line[:indent].strip() == "" and line[indent : indent + 1] not in (" ", "-", ""):
+            blocks.append("")
+        blocks[-1] += line + "\n"
+    return blocks
 
 
-def set_changed(node: DictConfig, key: str, value: list[Any] | dict[str, Any]) -> None:
+def set_changed(
+    node: DictConfig, key: str, value: list[Any] | dict[str, Any], held: Any = None
+) -> list[Any] | dict[str, Any]:
     """node[key] = value (a list or a mapping of plain values), as an assignment would leave it,
     with only the items that changed set again when its length or keys are the same: a trial
-    changes a few of them, and a whole new list or mapping node costs a tenth of a millisecond."""
-    held = OmegaConf.to_container(node[key], resolve=False) if key in node else None
+    changes a few of them, and a whole new list or mapping node costs a tenth of a millisecond.
+    `held`: what the node holds, when the caller knows it (else it is read). Returns `value`."""
+    if held is None:
+        held = OmegaConf.to_container(node[key], resolve=False) if key in node else None
     same_shape = (
         isinstance(value, list) and isinstance(held, list) and len(held) == len(value)
     ) or (isinstance(value, dict) and isinstance(held, dict) and list(held) == list(value))
     if not same_shape:
         node[key] = value
-        return
+        return value
     target = node[key]
     for item in range(len(value)) if isinstance(value, list) else value:
         old, new = held[item], value[item]
         if type(old) is not type(new) or old != new:
             target[item] = new
+    return value
 
 
 def only_the_time(value: Any) -> bool:
