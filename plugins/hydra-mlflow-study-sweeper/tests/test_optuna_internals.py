@@ -60,6 +60,23 @@ def test_ask_new_is_ask_with_attributes_from_the_trials_creation(study):
     assert study.ask(space).params == {"x": 0.5, "n": 2}
 
 
+def test_ask_new_does_not_read_back_the_trial_it_created(tmp_path, monkeypatch):
+    with optuna_quietly():
+        study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path}/o.db"))
+    reads = []
+    rdb = type(internals.backend(study))
+    read = rdb.get_trial
+    monkeypatch.setattr(rdb, "get_trial", lambda self, i: reads.append(i) or read(self, i))
+    try:
+        trial = internals.ask_new(study, {"x": FloatDistribution(0, 1)}, {"worker": "w"})
+        assert reads == [] and "get_trial" not in vars(internals.storage(study))
+        assert study.get_trials()[0].params == trial.params  # the trial as ask makes it
+        assert internals.frozen(study, internals.trial_id(trial)).system_attrs == {"worker": "w"}
+    finally:
+        monkeypatch.undo()
+        internals.close(study)
+
+
 def test_attributes_and_states_through_the_storage(study):
     trial_id = internals.trial_id(study.ask())
     internals.set_study_system_attr(study, "k", {"a": 1})

@@ -10,6 +10,7 @@ is private is how a Study or a Trial holds the storage and its ids.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import fcntl
 import json
@@ -70,11 +71,34 @@ def ask_new(
         intermediate_values={},
         trial_id=-1,
     )
-    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-    trial = optuna.trial.Trial(study, trial_id)
+    storage = study._storage
+    trial_id = storage.create_new_trial(study._study_id, template_trial=template)
+    created = _just_created(storage, trial_id)
+    if created is None:
+        trial = optuna.trial.Trial(study, trial_id)
+    else:  # Trial's first act is to read the trial back: it is answered with what was written
+        storage.get_trial = lambda asked: (
+            created if asked == trial_id else type(storage).get_trial(storage, asked)
+        )
+        try:
+            trial = optuna.trial.Trial(study, trial_id)
+        finally:
+            del storage.get_trial
     for name, distribution in space.items():
         trial._suggest(name, distribution)
     return trial
+
+
+def _just_created(storage: BaseStorage, trial_id: int) -> FrozenTrial | None:
+    """A copy of the trial Optuna's cache (in front of an RDBStorage) kept when it created it,
+    as the database holds it; None for another storage."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    if not isinstance(storage, _CachedStorage):
+        return None
+    with storage._lock:
+        study_id, number = storage._trial_id_to_study_id_and_number[trial_id]
+        return copy.deepcopy(storage._studies[study_id].trials[number])
 
 
 # ---- attributes and states, through the storage --------------------------------------------------
