@@ -265,3 +265,55 @@ def test_the_sweeps_logging_is_set_up_at_once_where_a_stand_in_would_differ(tmp_
     assert not launch.SweepLogging(disabling, False, job).lazy
     assert not launch.SweepLogging(hydra, False, naming).lazy
     assert launch.SweepLogging(hydra, True, job).level == 10  # verbose: DEBUG on the root
+
+
+def test_plain_interpolations_resolve_as_omegaconf_resolves_them():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {"a": {"b": "/out", "n": 3, "f": 0.5, "t": True}, "name": "app", "m": "???", "r": "${a.n}"}
+    )
+    for value in ("${a.b}/${name}.log", "${a.n}", "n=${a.n} f=${a.f} t=${a.t}", "${r}", "plain"):
+        cfg_with = OmegaConf.merge(cfg, {"probe": value})
+        expected = OmegaConf.to_container(cfg_with, resolve=True)["probe"]
+        assert launch.resolve_simply({"v": [value]}, cfg_with) == {"v": [expected]}, value
+    for value in ("${oc.env:HOME}", "${.b}", "\\${a.b}", "${m}", "${nowhere}", "${a}"):
+        with pytest.raises(LookupError):
+            launch.resolve_simply(value, cfg)
+
+
+def test_a_jobs_log_files_move_to_the_next_trial_while_its_logging_is_unchanged(
+    tmp_path, monkeypatch
+):
+    """Each trial's job logging as Hydra's configure_log makes it, the file handlers moved from
+    one trial's folder to the next's instead of being made again, while nothing changed them."""
+    import logging
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import configure_log
+    from omegaconf import open_dict
+
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    setups = []
+    real = launch.configure_log
+    monkeypatch.setattr(launch, "configure_log", lambda *a: setups.append(a) or real(*a))
+    job_logging = launch.JobLogging()
+    try:
+        for trial in range(4):
+            folder = tmp_path / str(trial)
+            folder.mkdir()
+            with open_dict(cfg):
+                cfg.hydra.runtime.output_dir = str(folder)
+                cfg.hydra.job.name = "app"
+            job_logging.set_up(cfg)
+            logging.getLogger("job").info("trial %d", trial)
+            if trial == 2:  # a job that adds a handler: the next setup is logging.config's
+                logging.getLogger().addHandler(logging.NullHandler())
+        assert len(setups) == 2  # the first trial's, and the one after the added handler
+        for trial in range(4):
+            log = (tmp_path / str(trial) / "app.log").read_text()
+            assert log.count("trial") == 1 and f"trial {trial}" in log
+    finally:
+        configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)

@@ -21,6 +21,7 @@ import copy
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -154,6 +155,7 @@ class InProcessJobs:
         self.sweep_logging = SweepLogging(
             config.hydra.hydra_logging, config.hydra.verbose, base.hydra.job_logging
         )
+        self.job_logging = JobLogging()
         setup_globals()
 
     def run(
@@ -286,7 +288,7 @@ class InProcessJobs:
             if chdir:
                 os.chdir(output_dir)
             ret.working_dir = output_dir if chdir else os.getcwd()
-            configure_log(hydra.job_logging, hydra.verbose)
+            self.job_logging.set_up(config)
             if hydra.output_subdir is not None:
                 folder = Path(output_dir) / str(hydra.output_subdir)
                 folder.mkdir(parents=True, exist_ok=True)
@@ -310,6 +312,171 @@ class InProcessJobs:
             holder.cfg = orig_hydra_cfg
             if chdir:
                 os.chdir(old_cwd)
+
+
+class JobLogging:
+    """Hydra's configure_log(hydra.job_logging) for each trial's job, made cheap where that is
+    exact: when a trial's log config is the last trial's but for its log files' names, and the
+    root logger still has the handlers the last job's setup gave it, those files' handlers move
+    to the new files, instead of logging.config making every handler anew (a tenth of a toy
+    trial). Everything else is Hydra's configure_log, as in run_job."""
+
+    def __init__(self) -> None:
+        self.raw: Any = None  # the job's log config, as written (its interpolations kept)
+        self.last: tuple[Any, ...] | None = None  # what the last setup made
+
+    def set_up(self, config: DictConfig) -> None:
+        hydra = config.hydra
+        if self.raw is None:
+            self.raw = OmegaConf.to_container(hydra.job_logging, resolve=False)
+        try:
+            conf = resolve_simply(self.raw, config)
+        except LookupError:  # an interpolation that is not a plain key: OmegaConf resolves it
+            conf = OmegaConf.to_container(hydra.job_logging, resolve=True)
+        verbose = (
+            OmegaConf.to_container(hydra.verbose)
+            if OmegaConf.is_list(hydra.verbose)
+            else hydra.verbose
+        )
+        if not self.move(conf, verbose):
+            configure_log(hydra.job_logging, hydra.verbose)
+            self.remember(conf, verbose)
+
+    def remember(self, conf: Any, verbose: Any) -> None:
+        root = logging.getLogger()
+        files = file_handlers(conf)
+        handlers = list(root.handlers)
+        movable = (
+            isinstance(conf, dict)
+            and isinstance(conf.get("root"), dict)
+            and not conf.get("incremental")
+            and conf.get("disable_existing_loggers", True) is False
+            and not conf.get("loggers")
+            and all(type(h) is logging.FileHandler for h in handlers if h.name in files)
+            and {h.name for h in handlers} >= set(files)
+        )
+        self.last = (
+            (
+                without_files(conf),
+                repr(verbose),
+                handlers,
+                handler_states(handlers),
+                root.level,
+                sys.stdout,
+                sys.stderr,
+            )
+            if movable
+            else None
+        )
+
+    def move(self, conf: Any, verbose: Any) -> bool:
+        """The last job's logging, its files moved to this trial's; False where not exact."""
+        if self.last is None:
+            return False
+        masked, seen_verbose, handlers, states, level, stdout, stderr = self.last
+        root = logging.getLogger()
+        if (
+            without_files(conf) != masked
+            or repr(verbose) != seen_verbose
+            or len(root.handlers) != len(handlers)
+            or any(a is not b for a, b in zip(root.handlers, handlers, strict=True))
+            or handler_states(handlers) != states  # a job that changed Hydra's handlers
+            or sys.stdout is not stdout
+            or sys.stderr is not stderr
+        ):
+            return False
+        files = file_handlers(conf)
+        for handler in handlers:
+            if handler.name in files:
+                move_file(handler, files[handler.name])
+        root.setLevel(level)  # the sweep's logging stood in between the jobs (SweepLogging)
+        for logger in list(root.manager.loggerDict.values()):  # as logging.config does
+            if isinstance(logger, logging.Logger) and logger.disabled:
+                logger.disabled = False
+        if verbose is True:
+            root.setLevel(logging.DEBUG)
+        elif verbose:
+            for name in [verbose] if isinstance(verbose, str) else verbose:
+                logging.getLogger(name).setLevel(logging.DEBUG)
+        return True
+
+
+def handler_states(handlers: list[logging.Handler]) -> list[tuple[Any, ...]]:
+    return [(h.name, h.level, h.formatter, list(h.filters)) for h in handlers]
+
+
+def file_handlers(conf: Any) -> dict[str, str]:
+    """The log config's file handlers (logging.FileHandler), by name: their files."""
+    handlers = conf.get("handlers") if isinstance(conf, dict) else None
+    return {
+        name: h["filename"]
+        for name, h in (handlers or {}).items()
+        if isinstance(h, dict)
+        and h.get("class") == "logging.FileHandler"
+        and isinstance(h.get("filename"), str)
+    }
+
+
+def without_files(conf: Any) -> Any:
+    """The log config, its file handlers' file names left out."""
+    files = file_handlers(conf)
+    if not files:
+        return conf
+    handlers = {
+        name: {k: v for k, v in h.items() if k != "filename"} if name in files else h
+        for name, h in conf["handlers"].items()
+    }
+    return {**conf, "handlers": handlers}
+
+
+def move_file(handler: logging.FileHandler, filename: str) -> None:
+    """A file handler writes to `filename` from now on, as one made for it would."""
+    handler.acquire()
+    try:
+        handler.flush()
+        stream, handler.stream = handler.stream, None
+        if stream is not None:
+            stream.close()
+        handler.baseFilename = os.path.abspath(filename)
+        if not handler.delay:
+            handler.stream = handler._open()
+    finally:
+        handler.release()
+
+
+SIMPLE_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+
+
+def resolve_simply(value: Any, config: DictConfig) -> Any:
+    """`value` (a plain container, as written) with its interpolations resolved against
+    `config` as OmegaConf resolves them, where each is a plain absolute key (`${a.b}`): a
+    string that is one interpolation takes the value, one that holds some its text. Raises
+    LookupError for anything else (resolvers, relative keys, escapes, missing values)."""
+    if isinstance(value, dict):
+        return {k: resolve_simply(v, config) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_simply(v, config) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    if "\\" in value or "${" in SIMPLE_INTERPOLATION.sub("", value):
+        raise LookupError(value)
+
+    def select(key: str) -> Any:
+        try:
+            found = OmegaConf.select(config, key, default=MISSING_KEY, throw_on_missing=True)
+        except Exception as err:  # a missing value, an interpolation that fails
+            raise LookupError(key) from err
+        if found is MISSING_KEY or found is None or not isinstance(found, (str, int, float)):
+            raise LookupError(key)
+        return found
+
+    whole = SIMPLE_INTERPOLATION.fullmatch(value)
+    if whole:
+        return select(whole.group(1))
+    return SIMPLE_INTERPOLATION.sub(lambda m: str(select(m.group(1))), value)
+
+
+MISSING_KEY = object()
 
 
 class SweepLogging:
