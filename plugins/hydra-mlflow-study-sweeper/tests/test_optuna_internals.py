@@ -77,6 +77,21 @@ def test_ask_new_does_not_read_back_the_trial_it_created(tmp_path, monkeypatch):
         internals.close(study)
 
 
+def test_tell_is_study_tell_without_the_read_after(study):
+    space = {"x": FloatDistribution(0, 1)}
+    with optuna_quietly():
+        complete, nan, pruned = (study.ask(space) for _ in range(3))
+        pruned.report(0.25, step=3)
+        assert internals.tell(study, complete, values=[0.5]) == TrialState.COMPLETE
+        with pytest.warns(UserWarning, match="not acceptable"):  # as study.tell warns
+            assert internals.tell(study, nan, values=[float("nan")]) == TrialState.FAIL
+        assert internals.tell(study, pruned, state=TrialState.PRUNED) == TrialState.PRUNED
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
+    assert trials[0].values == [0.5] and trials[2].values == [0.25]  # a pruned trial's last value
+    assert trials[0].datetime_complete is not None
+
+
 def test_attributes_and_states_through_the_storage(study):
     trial_id = internals.trial_id(study.ask())
     internals.set_study_system_attr(study, "k", {"a": 1})

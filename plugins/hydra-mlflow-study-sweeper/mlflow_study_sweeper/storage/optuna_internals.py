@@ -89,6 +89,20 @@ def ask_new(
     return trial
 
 
+def tell(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    values: Sequence[float] | None = None,
+    state: TrialState | None = None,
+) -> TrialState:
+    """study.tell, but for reading the trial back afterwards (tell's last act): the state told
+    (FAIL where the values were refused)."""
+    from optuna.study._tell import _tell_with_warning
+
+    told, _, _ = _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
+    return told
+
+
 def _just_created(storage: BaseStorage, trial_id: int) -> FrozenTrial | None:
     """A copy of the trial Optuna's cache (in front of an RDBStorage) kept when it created it,
     as the database holds it; None for another storage."""

@@ -63,6 +63,7 @@ class Outcome:
     reason: str = ""
     stop: bool = False  # every trial would fail the same way: the sweep stops after this one
     tags: dict[str, Any] = field(default_factory=dict)
+    checkpoint_at: int | None = None  # the last checkpoint its job saved (complete or pruned)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class TrialLoop:
     deadline: float | None = None  # time.time() after which no trial runs (the time budget)
     durations: list[float] = field(default_factory=list)
     first_number: int = 0
-    last: tuple[FrozenTrial, float] | None = None  # the last trial and its seconds, not printed
+    last: tuple[int, float] | None = None  # the last trial's number and seconds, not printed
     in_flight: str | None = None  # the run of the trial being trained, until it is told
     # the search-space function: its params join each trial's after the grammar's (ask)
     search: SearchFunction | None = None
@@ -181,9 +182,9 @@ class TrialLoop:
             if self.surplus(trial, census):
                 continue
             started = time.perf_counter()
-            frozen = self.run_trial(trial)
+            number = self.run_trial(trial)
             self.durations.append(time.perf_counter() - started)
-            self.last = (frozen, self.durations[-1])
+            self.last = (number, self.durations[-1])
 
     def watch(self, workers: Any, poll_s: float = 1.0) -> LoopEnd:
         """The study watched while other processes train it (Ray's workers): the trials of dead
@@ -282,8 +283,8 @@ class TrialLoop:
         return True
 
     # -- one trial --
-    def run_trial(self, trial: optuna.Trial) -> FrozenTrial:
-        """Run one trial from its run's start to its end; return it as it ended."""
+    def run_trial(self, trial: optuna.Trial) -> int:
+        """Run one trial from its run's start to its end; returns its number."""
         trial_id = optuna_internals.trial_id(trial)
         refused = None
         if self.search is not None:
@@ -305,9 +306,9 @@ class TrialLoop:
         if refused is not None:  # nothing to train: the trial fails, its run says why
             log.warning("trial %d failed: %s", trial.number, refused)
             outcome = Outcome(TrialState.FAIL, kind="error", reason=refused)
-            frozen = self.tell(trial, run_id, outcome)
+            self.tell(trial, run_id, outcome)
             self.in_flight = None
-            return frozen
+            return trial.number
         env = contract.job_environment(
             run_id, self.runs.experiment_id, self.study.study_name, trial_id, trial.number
         )
@@ -351,14 +352,14 @@ class TrialLoop:
             if self.progress is not None:
                 self.progress.clear()
         crash_point("after-job")
-        frozen = self.tell(trial, run_id, outcome)
+        self.tell(trial, run_id, outcome)
         self.in_flight = None
         if outcome.stop:
             raise SweepStopped(
                 f"trial {trial.number}: {outcome.reason}. Every trial would fail the same way: "
                 f"the sweep stopped. Fix the task function and rerun the command to resume."
             )
-        return frozen
+        return trial.number
 
     def retry_tags(self, trial: optuna.Trial) -> dict[str, str]:
         """A retry's run names the run of the attempt it repeats."""
@@ -384,18 +385,19 @@ class TrialLoop:
             )
         if decided.pruned_at is not None:
             tags[keys.PRUNED_AT_EPOCH] = decided.pruned_at
+        saved = decided.checkpoint_at
         if ret.status == JobStatus.COMPLETED:
             if decided.pruned_at is not None:
-                return Outcome(TrialState.PRUNED, tags=tags)
+                return Outcome(TrialState.PRUNED, tags=tags, checkpoint_at=saved)
             try:
                 values = self.objectives.values(ret.return_value)
             except ValueError as err:  # not a number, NaN, a tuple where a dict is wanted
                 stop = isinstance(err, ReturnFormError)
                 return Outcome(TrialState.FAIL, kind="error", reason=str(err), stop=stop)
-            return Outcome(TrialState.COMPLETE, values=values)
+            return Outcome(TrialState.COMPLETE, values=values, checkpoint_at=saved)
         err = job_error(ret)
         if isinstance(err, optuna.TrialPruned) or decided.pruned_at is not None:
-            return Outcome(TrialState.PRUNED, tags=tags)
+            return Outcome(TrialState.PRUNED, tags=tags, checkpoint_at=saved)
         if isinstance(err, TrialTimeout):
             return Outcome(TrialState.FAIL, kind="timeout", reason=str(err))
         log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
@@ -404,40 +406,55 @@ class TrialLoop:
             kind = retry.TRANSIENT  # tried again (enqueue_retries); not a failure of the budget
         return Outcome(TrialState.FAIL, kind=kind, reason=f"{type(err).__name__}: {err}")
 
-    def tell(self, trial: optuna.Trial, run_id: str, outcome: Outcome) -> FrozenTrial:
-        """The outcome into the study, then onto the run; returns the trial as it ended."""
+    def tell(self, trial: optuna.Trial, run_id: str, outcome: Outcome) -> None:
+        """The outcome into the study, then onto the run. A complete or pruned trial is not read
+        back (what its run needs is known; the loop's next read has it, for its line); a failed
+        one is, for the reason recorded."""
         trial_id = optuna_internals.trial_id(trial)
-        values = None
-        if outcome.state == TrialState.COMPLETE:
+        values, frozen = None, None
+        if outcome.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            complete = outcome.state == TrialState.COMPLETE
             with optuna_quietly():
-                frozen = self.study.tell(trial, outcome.values)
-            values = dict(zip(self.objectives.names, outcome.values, strict=True))
-        elif outcome.state == TrialState.PRUNED:
-            with optuna_quietly():
-                frozen = self.study.tell(trial, state=TrialState.PRUNED)
+                state = optuna_internals.tell(
+                    self.study,
+                    trial,
+                    values=outcome.values if complete else None,
+                    state=None if complete else TrialState.PRUNED,
+                )
+            if complete:
+                values = dict(zip(self.objectives.names, outcome.values, strict=True))
+            saved = outcome.checkpoint_at
         else:
             fail_trial(self.study, trial_id, outcome.kind, outcome.reason)
+            state = None
+        if state not in (TrialState.COMPLETE, TrialState.PRUNED):  # failed, or values refused
             frozen = optuna_internals.frozen(self.study, trial_id)
+            state, saved = frozen.state, keys.checkpoint_step(frozen)
         crash_point("after-tell")
-        tags = {keys.STATE: frozen.state.name, **outcome.tags}
-        if frozen.state == TrialState.FAIL:
+        tags = {keys.STATE: state.name, **outcome.tags}
+        if frozen is not None and state == TrialState.FAIL:
             tags[keys.FAILURE_REASON] = keys.fail_reason(frozen)
+        status = keys.run_status(frozen) if frozen is not None else keys.RUN_STATUS[state.name]
         # every objective on the run, also those the job did not log itself
-        self.runs.trial_ended(run_id, keys.run_status(frozen), tags, values)
+        self.runs.trial_ended(run_id, status, tags, values)
         # an interrupted trial keeps its checkpoint; a trial that never saved one costs nothing
-        saved = keys.checkpoint_step(frozen) is not None or keys.continues(frozen) is not None
-        if outcome.kind not in (*resume.CONTINUABLE, retry.TRANSIENT) and saved:
+        if outcome.kind not in (*resume.CONTINUABLE, retry.TRANSIENT) and (
+            saved is not None or keys.continues(trial) is not None
+        ):
+            frozen = frozen or optuna_internals.frozen(self.study, trial_id)
             resume.tidy_checkpoints(
                 self.runs.client, self.study, frozen, self.settings.keep_checkpoints
             )
-        return frozen
 
     def print_result(self, trials: list[FrozenTrial], finished: int) -> None:
         """The last trial's line, with the counts of the read that follows it."""
         if self.last is None:
             return
-        frozen, seconds = self.last
+        number, seconds = self.last
         self.last = None
+        frozen = trials[number] if number < len(trials) else None
+        if frozen is None or frozen.number != number:
+            frozen = next(t for t in trials if t.number == number)
         left = max(self.settings.n_trials - finished, 0)
         mean = sum(self.durations) / len(self.durations)
         seconds_left = mean * left / self.settings.n_jobs if left else None
