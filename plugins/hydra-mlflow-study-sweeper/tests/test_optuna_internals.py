@@ -8,6 +8,7 @@ import time
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -48,7 +49,9 @@ def test_ask_new_is_ask_with_attributes_from_the_trials_creation(study):
     study.enqueue_trial({"x": 0.5, "n": 2})
     with optuna_quietly():
         trial = internals.ask_new(study, space, {"worker": {"host": "h", "pid": "1"}})
+    internals.record_started(study, trial, {"mlflow_run_id": "r"})  # the held params too
     frozen = internals.frozen(study, internals.trial_id(trial))
+    assert frozen.user_attrs == trial.user_attrs == {"mlflow_run_id": "r"}
     assert trial.number == frozen.number == first.number + 2
     assert frozen.state == TrialState.RUNNING and frozen.datetime_start is not None
     assert frozen.system_attrs["worker"] == {"host": "h", "pid": "1"}
@@ -69,9 +72,23 @@ def test_ask_new_does_not_read_back_the_trial_it_created(tmp_path, monkeypatch):
     monkeypatch.setattr(rdb, "get_trial", lambda self, i: reads.append(i) or read(self, i))
     try:
         trial = internals.ask_new(study, {"x": FloatDistribution(0, 1)}, {"worker": "w"})
-        assert reads == [] and "get_trial" not in vars(internals.storage(study))
-        assert study.get_trials()[0].params == trial.params  # the trial as ask makes it
-        assert internals.frozen(study, internals.trial_id(trial)).system_attrs == {"worker": "w"}
+        assert reads == [] and not {"get_trial", "set_trial_param"} & set(
+            vars(internals.storage(study))
+        )
+        # its params are held back, and written with its run id, in one transaction
+        assert study.get_trials()[0].params == {} and set(trial.params) == {"x"}
+        commits = []
+        engine = internals.backend(study).engine
+        sqlalchemy.event.listen(engine, "commit", lambda conn: commits.append(1))
+        internals.record_started(study, trial, {"mlflow_run_id": "r"})
+        assert len(commits) == 1
+        frozen = internals.frozen(study, internals.trial_id(trial))
+        assert frozen.params == trial.params and frozen.user_attrs == {"mlflow_run_id": "r"}
+        assert frozen.system_attrs == {"worker": "w"}
+        second = internals.ask_new(study, {"x": FloatDistribution(0, 1)}, {})
+        internals.drop_held(internals.trial_id(second))  # a trial that will not run
+        internals.record_started(study, second, {"k": 1})
+        assert internals.frozen(study, internals.trial_id(second)).params == {}
     finally:
         monkeypatch.undo()
         internals.close(study)

@@ -279,6 +279,7 @@ class TrialLoop:
         if len(ahead) < self.settings.n_trials:
             return False
         trial_id = optuna_internals.trial_id(trial)
+        optuna_internals.drop_held(trial_id)
         fail_trial(self.study, trial_id, "surplus", "not run: n_trials were already taken")
         return True
 
@@ -295,7 +296,7 @@ class TrialLoop:
         run_id = self.runs.trial_started(trial.number, trial.params, self.retry_tags(trial))
         crash_point("run-created")  # a run no trial records yet: SweepRuns.settle closes it
         self.in_flight = run_id
-        trial.set_user_attr(keys.RUN_ID, run_id)
+        optuna_internals.record_started(self.study, trial, {keys.RUN_ID: run_id})  # params too
         # a run created while the tracking server was away has a provisional id; the relay
         # tells the study its real one when it delivers it, but if it did so before the line
         # above, the study was told nothing yet and kept the provisional one (the soak found it)
