@@ -10,7 +10,7 @@ import re
 import pytest
 from harness import APPS, clean_env, run_in_process
 
-from mlflow_study_sweeper.trial import launch
+from mlflow_study_sweeper.trial import launch, yaml_files
 from mlflow_study_sweeper.trial.launch import override_dirname
 
 PROBE = APPS / "probe" / "probe_app.py"
@@ -133,7 +133,7 @@ def test_yaml_blocks_render_what_to_yaml_renders_as_values_change():
     OmegaConf.to_yaml, whatever changes between two trials."""
     from omegaconf import OmegaConf
 
-    blocks = launch.YamlBlocks()
+    blocks = yaml_files.YamlTree()
     steps = [
         {"a": 1, "b": {"c": [1, 2], "d": "x: y"}, "e": None, "f": {}, "g": []},
         {"a": True, "b": {"c": [1, 2], "d": "x: y"}, "e": None, "f": {}, "g": []},
@@ -193,7 +193,7 @@ def test_hydra_yaml_is_what_hydra_writes_long_values_included(tmp_path):
     (tmp_path / "config.yaml").write_text("x: 1\n")
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         cfg = compose("config", return_hydra_config=True, overrides=["x=2"])
-    render = launch.HydraYaml()
+    render = yaml_files.HydraYaml()
     for number, env in enumerate(["word " * 20, "w" * 90, "short", "word " * 30]):
         with open_dict(cfg):
             cfg.hydra.job.num = number
@@ -317,3 +317,53 @@ def test_a_jobs_log_files_move_to_the_next_trial_while_its_logging_is_unchanged(
             assert log.count("trial") == 1 and f"trial {trial}" in log
     finally:
         configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+
+
+@pytest.mark.parametrize("path", [(), ("hydra", "job")])
+def test_yaml_tree_renders_what_to_yaml_renders_through_random_changes(path, monkeypatch):
+    """Mappings in mappings, lists of values and of mappings, long strings that wrap, strings
+    YAML must quote, values that change type, keys that come and go: at every step the kept and
+    re-rendered texts make what to_yaml makes of the whole."""
+    import random
+
+    from omegaconf import OmegaConf
+
+    rng = random.Random(7)
+    scalars = [0, 1, 1.0, -2.5, True, None, "", "x", "yes", "1", "null", "a: b", "# c", "~",
+               "w " * 50, "é" * 90, "${x.y}", "line\nbreak", "-", "[1]"]  # fmt: skip
+
+    def value(depth: int) -> object:
+        kind = rng.random()
+        if depth < 3 and kind < 0.25:
+            return {f"k{i}": value(depth + 1) for i in range(rng.randint(0, 4))}
+        if depth < 3 and kind < 0.4:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        return rng.choice(scalars)
+
+    def mutate(node: dict, depth: int = 0) -> None:
+        key = rng.choice([*node, f"k{rng.randint(0, 5)}"])
+        if key in node and isinstance(node[key], dict) and node[key] and rng.random() < 0.7:
+            mutate(node[key], depth + 1)
+        elif key in node and isinstance(node[key], list) and node[key] and rng.random() < 0.6:
+            node[key][rng.randrange(len(node[key]))] = value(depth + 1)
+        elif key in node and rng.random() < 0.2:
+            del node[key]
+        else:
+            node[key] = value(depth + 1)
+
+    doc = {f"k{i}": value(1) for i in range(5)}
+    tree = yaml_files.YamlTree(path)
+    renders = []
+    dump = yaml_files.yaml_text
+    monkeypatch.setattr(yaml_files, "yaml_text", lambda c: renders.append(c) or dump(c))
+    monkeypatch.setattr(yaml_files, "whole", None)  # never the fallback: every text is kept
+    for _ in range(300):
+        node = OmegaConf.create(doc)
+        expected = OmegaConf.to_yaml(yaml_files.under(path, doc) if path else node)
+        expected = yaml_files.drop_lines(expected, max(len(path) - 1, 0))
+        renders.clear()
+        assert tree(node) == expected
+        assert len(renders) <= 1  # what changed, in one dump
+        mutate(doc)
+        if not doc:
+            doc["k0"] = 1

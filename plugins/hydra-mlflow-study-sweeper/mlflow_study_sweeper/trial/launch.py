@@ -27,7 +27,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
 from hydra import version
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -41,12 +40,12 @@ from hydra.core.utils import (
     setup_globals,
 )
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
-from omegaconf._utils import get_omega_conf_dumper  # what OmegaConf.to_yaml dumps with
 
 from mlflow_study_sweeper.keys import config_key
 from mlflow_study_sweeper.search.grammar import as_override
 from mlflow_study_sweeper.trial import job_side
 from mlflow_study_sweeper.trial.job_side import TrialReporter
+from mlflow_study_sweeper.trial.yaml_files import HydraYaml, YamlTree
 
 IN_PROCESS_LAUNCHERS = ("BasicLauncher",)
 
@@ -139,7 +138,7 @@ class InProcessJobs:
         # the command line's hydra.* overrides, as text (they may hold ${...})
         self.hydra_overrides = OmegaConf.to_container(config.hydra.overrides.hydra)
         self.hydra_yaml = HydraYaml()
-        self.config_yaml = YamlBlocks()  # .hydra/config.yaml: the searched keys' blocks change
+        self.config_yaml = YamlTree()  # .hydra/config.yaml: the searched keys' values change
         # the fixed overrides, parsed once: override_dirname lists them with the trial's values
         self.fixed_keys = [o.key_or_group for o in OverridesParser.create().parse_overrides(fixed)]
         # hydra.sweep.dir and .subdir as written: resolved once when they interpolate nothing a
@@ -563,133 +562,6 @@ class SweepLogging:
 
     def set_up(self) -> None:
         configure_log(self.log_config, self.verbose)
-
-
-class HydraYaml:
-    """What Hydra writes to .hydra/hydra.yaml, OmegaConf.to_yaml of the hydra node under its
-    key, rendered again only where a trial changes it: `job`, `overrides` and `runtime`, and
-    within those only the keys whose value changed (see YamlBlocks). The other parts' text is
-    kept from the first trial."""
-
-    PER_TRIAL = ("job", "overrides", "runtime")
-
-    def __init__(self) -> None:
-        self.parts: dict[str, str] = {}
-        self.blocks = {key: YamlBlocks(("hydra", key)) for key in self.PER_TRIAL}
-
-    def __call__(self, config: DictConfig) -> str:
-        if not self.parts:
-            hydra = OmegaConf.to_container(config.hydra, resolve=False, enum_to_str=True)
-            self.parts = dict(
-                zip(hydra, split_blocks(drop_lines(yaml_text({"hydra": hydra}), 1), 2), strict=True)
-            )
-        per_trial = [key for key in self.PER_TRIAL if key in self.parts]
-        nodes = [config.hydra[key] for key in per_trial]
-        texts = render([self.blocks[key] for key in per_trial], nodes)
-        self.parts.update(zip(per_trial, texts, strict=True))
-        return "hydra:\n" + "".join(self.parts.values())
-
-
-class YamlBlocks:
-    """OmegaConf.to_yaml of a mapping that changes a few keys at a time, each key's text kept
-    and rendered again only when its value changed (a block mapping's text is its keys' texts
-    one after another). `path`: where the mapping is in the document (its keys are rendered
-    there, as deep as in the whole document: a long string wraps at the same place)."""
-
-    def __init__(self, path: tuple[str, ...] = ()) -> None:
-        self.path = path
-        self.held: dict[Any, tuple[str, str]] = {}  # key: (its value's repr, its text)
-        self.heading = ""  # the line of the mapping's own key, at the end of `path`
-
-    def __call__(self, node: DictConfig) -> str:
-        return render([self], [node])[0]
-
-    def changed(self, container: dict[Any, Any]) -> dict[Any, Any]:
-        """The keys whose text is not kept (repr tells 1 from 1.0 and from True, as YAML does)."""
-        held = self.held
-        return {
-            key: value
-            for key, value in container.items()
-            if key not in held or held[key][0] != repr(value)
-        }
-
-
-def render(blocks: list[YamlBlocks], nodes: list[DictConfig]) -> list[str]:
-    """The text of each block's mapping (`nodes`, each at its block's path in one document):
-    what changed in any of them is rendered in one dump, split again at its keys."""
-    containers = [OmegaConf.to_container(n, resolve=False, enum_to_str=True) for n in nodes]
-    document: dict[Any, Any] = {}
-    whole: list[str | None] = []
-    for block, container in zip(blocks, containers, strict=True):
-        if not isinstance(container, dict) or not container:  # not a mapping of keys
-            if block.path:
-                text = yaml_text(under(block.path[:-1], {block.path[-1]: container}))
-                whole.append(drop_lines(text, len(block.path) - 1))
-            else:
-                whole.append(yaml_text(container))
-            continue
-        whole.append(None)
-        changed = block.changed(container)
-        if changed or (block.path and not block.heading):
-            mapping = document
-            for key in block.path:
-                mapping = mapping.setdefault(key, {})
-            mapping.update(changed)
-    if document:
-        rendered = {(): yaml_text(document)}
-        for block, container, text in zip(blocks, containers, whole, strict=True):
-            if text is not None:
-                continue
-            mapping, body, indent = document, rendered[()], 0
-            for key in block.path:  # down to the block's own keys
-                pieces = dict(zip(mapping, split_blocks(body, indent), strict=True))
-                heading, body = pieces[key].split("\n", 1)
-                block.heading = heading + "\n"
-                mapping, indent = mapping[key], indent + 2
-            for key, piece in zip(mapping, split_blocks(body, indent), strict=True):
-                block.held[key] = (repr(container[key]), piece)
-    return [
-        text if text is not None else block.heading + "".join(block.held[k][1] for k in container)
-        for block, container, text in zip(blocks, containers, whole, strict=True)
-    ]
-
-
-def under(path: tuple[str, ...], mapping: dict[Any, Any]) -> dict[Any, Any]:
-    """`mapping` as the value at `path` of a document that holds nothing else."""
-    for key in reversed(path):
-        mapping = {key: mapping}
-    return mapping
-
-
-def drop_lines(text: str, n: int) -> str:
-    """`text` without its first `n` lines (only newlines end a line: a YAML text's other line
-    separators are inside its scalars)."""
-    for _ in range(n):
-        text = text.split("\n", 1)[1]
-    return text
-
-
-def yaml_text(container: Any) -> str:
-    """OmegaConf.to_yaml of a plain container (to_container's output), without making a config
-    of it first."""
-    return yaml.dump(
-        container,
-        default_flow_style=False,
-        allow_unicode=True,
-        sort_keys=False,
-        Dumper=get_omega_conf_dumper(),
-    )
-
-
-def split_blocks(text: str, indent: int = 0) -> list[str]:
-    """A block-style YAML mapping's text (its keys `indent` spaces in), split before each key,
-    in their order (a key's line starts at the indent with neither a space nor a `-`)."""
-    blocks: list[str] = []
-    for line in text.split("\n")[:-1]:
-        if line[:indent].strip() == "" and line[indent : indent + 1] not in (" ", "-", ""):
-            blocks.append("")
-        blocks[-1] += line + "\n"
-    return blocks
 
 
 def set_changed(
