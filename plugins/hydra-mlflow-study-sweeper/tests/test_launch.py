@@ -329,8 +329,9 @@ def test_yaml_tree_renders_what_to_yaml_renders_through_random_changes(path, mon
     from omegaconf import OmegaConf
 
     rng = random.Random(7)
-    scalars = [0, 1, 1.0, -2.5, True, None, "", "x", "yes", "1", "null", "a: b", "# c", "~",
-               "w " * 50, "é" * 90, "${x.y}", "line\nbreak", "-", "[1]"]  # fmt: skip
+    scalars = [0, 1, 1.0, -2.5, 1e17, -0.0, float("inf"), float("nan"), 10**30, True, False,
+               None, "", "x", "yes", "1", "null", "a: b", "# c", "~", "w " * 50, "é" * 90,
+               "${x.y}", "line\nbreak", "-", "[1]"]  # fmt: skip
 
     def value(depth: int) -> object:
         kind = rng.random()

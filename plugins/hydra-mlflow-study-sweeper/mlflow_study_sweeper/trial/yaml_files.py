@@ -58,10 +58,29 @@ class Held:
 
 
 class Entry:
-    __slots__ = ("held", "seen", "text")
+    __slots__ = ("held", "number", "seen", "text")
 
-    def __init__(self, seen: str, text: str, held: Held | None) -> None:
-        self.seen, self.text, self.held = seen, text, held
+    def __init__(self, value: Any, text: str, held: Held | None) -> None:
+        self.seen, self.text, self.held = repr(value), text, held
+        # a number's text ends its one line: another number takes its place, without a dump
+        number = number_text(value)
+        found = number is not None and text.count("\n") == 1 and text.endswith(number + "\n")
+        self.number = number if found else None
+
+
+def number_text(value: Any) -> str | None:
+    """What YAML writes for an int or a float (PyYAML's representer: never quoted, never
+    wrapped); None for anything else."""
+    if type(value) is int:
+        return str(value)
+    if type(value) is not float:
+        return None
+    if value != value:
+        return ".nan"
+    if value in (float("inf"), -float("inf")):
+        return ".inf" if value > 0 else "-.inf"
+    text = repr(value).lower()
+    return text.replace("e", ".0e", 1) if "." not in text and "e" in text else text
 
 
 class YamlTree:
@@ -125,6 +144,11 @@ def diff(value: Any, held: Held) -> dict[Any, Any]:
         seen = repr(item)
         if entry is not None and entry.seen == seen:
             continue
+        number = number_text(item)
+        if entry is not None and entry.number is not None and number is not None:
+            entry.text = entry.text[: -len(entry.number) - 1] + number + "\n"
+            entry.seen, entry.number = seen, number
+            continue
         inner = entry.held if entry is not None else None
         if inner is not None and held.kind is dict and trackable(item, inner):
             changed = diff(item, inner)
@@ -185,7 +209,7 @@ def keep(held: Held, value: Any, found: dict[Any, Any], body: str, indent: int) 
         item, sub = value[key], found[key]
         if sub is None:  # a list's items are kept whole
             inner = adopted(item, piece, indent) if held.kind is dict else None
-            held.entries[key] = Entry(repr(item), piece, inner)
+            held.entries[key] = Entry(item, piece, inner)
             continue
         entry = held.entries[key]
         heading, rest = piece.split("\n", 1)
@@ -204,10 +228,10 @@ def adopted(value: Any, text: str, indent: int) -> Held | None:
     held.heading = heading + "\n"
     if isinstance(value, dict):
         for (key, item), piece in zip(value.items(), split_blocks(rest, indent + 2), strict=True):
-            held.entries[key] = Entry(repr(item), piece, adopted(item, piece, indent + 2))
+            held.entries[key] = Entry(item, piece, adopted(item, piece, indent + 2))
     else:
         for index, piece in enumerate(split_items(rest, indent)):
-            held.entries[index] = Entry(repr(value[index]), piece, None)
+            held.entries[index] = Entry(value[index], piece, None)
         if len(held.entries) != len(value):
             raise ValueError("a list's items were not split one by one")
     return held
