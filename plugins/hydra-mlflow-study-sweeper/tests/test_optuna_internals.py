@@ -8,6 +8,7 @@ import time
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -38,6 +39,74 @@ def test_ids_and_storage_reach_the_same_trial(study):
     assert internals.storage(study).get_study_id_from_name("s") == internals.study_id(study)
     live = internals.live_trial(study, trial_id)
     assert live.number == trial.number and live.params == trial.params
+
+
+def test_ask_new_is_ask_with_attributes_from_the_trials_creation(study):
+    """The loop's ask: a new trial as study.ask makes one, sampled from the space, carrying the
+    worker's label from its first write; an enqueued trial is left for study.ask."""
+    space = {"x": FloatDistribution(0, 1), "n": IntDistribution(1, 4)}
+    first = study.ask(space)
+    study.enqueue_trial({"x": 0.5, "n": 2})
+    with optuna_quietly():
+        trial = internals.ask_new(study, space, {"worker": {"host": "h", "pid": "1"}})
+    internals.record_started(study, trial, {"mlflow_run_id": "r"})  # the held params too
+    frozen = internals.frozen(study, internals.trial_id(trial))
+    assert frozen.user_attrs == trial.user_attrs == {"mlflow_run_id": "r"}
+    assert trial.number == frozen.number == first.number + 2
+    assert frozen.state == TrialState.RUNNING and frozen.datetime_start is not None
+    assert frozen.system_attrs["worker"] == {"host": "h", "pid": "1"}
+    assert set(trial.params) == {"x", "n"} and frozen.params == trial.params
+    assert frozen.distributions == space
+    study.tell(trial, 1.0)
+    assert study.get_trials()[trial.number].state == TrialState.COMPLETE
+    # the enqueued one is still there for study.ask to hand out
+    assert study.ask(space).params == {"x": 0.5, "n": 2}
+
+
+def test_ask_new_does_not_read_back_the_trial_it_created(tmp_path, monkeypatch):
+    with optuna_quietly():
+        study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path}/o.db"))
+    reads = []
+    rdb = type(internals.backend(study))
+    read = rdb.get_trial
+    monkeypatch.setattr(rdb, "get_trial", lambda self, i: reads.append(i) or read(self, i))
+    try:
+        trial = internals.ask_new(study, {"x": FloatDistribution(0, 1)}, {"worker": "w"})
+        assert reads == [] and not {"get_trial", "set_trial_param"} & set(
+            vars(internals.storage(study))
+        )
+        # its params are held back, and written with its run id, in one transaction
+        assert study.get_trials()[0].params == {} and set(trial.params) == {"x"}
+        commits = []
+        engine = internals.backend(study).engine
+        sqlalchemy.event.listen(engine, "commit", lambda conn: commits.append(1))
+        internals.record_started(study, trial, {"mlflow_run_id": "r"})
+        assert len(commits) == 1
+        frozen = internals.frozen(study, internals.trial_id(trial))
+        assert frozen.params == trial.params and frozen.user_attrs == {"mlflow_run_id": "r"}
+        assert frozen.system_attrs == {"worker": "w"}
+        second = internals.ask_new(study, {"x": FloatDistribution(0, 1)}, {})
+        internals.drop_held(internals.trial_id(second))  # a trial that will not run
+        internals.record_started(study, second, {"k": 1})
+        assert internals.frozen(study, internals.trial_id(second)).params == {}
+    finally:
+        monkeypatch.undo()
+        internals.close(study)
+
+
+def test_tell_is_study_tell_without_the_read_after(study):
+    space = {"x": FloatDistribution(0, 1)}
+    with optuna_quietly():
+        complete, nan, pruned = (study.ask(space) for _ in range(3))
+        pruned.report(0.25, step=3)
+        assert internals.tell(study, complete, values=[0.5]) == TrialState.COMPLETE
+        with pytest.warns(UserWarning, match="not acceptable"):  # as study.tell warns
+            assert internals.tell(study, nan, values=[float("nan")]) == TrialState.FAIL
+        assert internals.tell(study, pruned, state=TrialState.PRUNED) == TrialState.PRUNED
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
+    assert trials[0].values == [0.5] and trials[2].values == [0.25]  # a pruned trial's last value
+    assert trials[0].datetime_complete is not None
 
 
 def test_attributes_and_states_through_the_storage(study):
@@ -155,3 +224,25 @@ def test_every_call_of_optunas_cache_into_the_storage_waits_out_an_outage():
     once = {"record_heartbeat", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
     assert {name for name in called if name not in own} == once
     assert all(hasattr(RDBStorage, name) for name in internals._RETRIED)
+
+
+def test_trials_beat_while_they_train_and_not_after(tmp_path):
+    """One thread of the process beats for its trials: the first beat after FIRST_BEAT_S, then
+    one per interval, none once a trial is over (liveness.Heartbeat)."""
+    from mlflow_study_sweeper.storage import liveness
+
+    with optuna_quietly():
+        study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path}/o.db", 1, 4))
+    try:
+        quick, long = (internals.trial_id(study.ask()) for _ in range(2))
+        with liveness.Heartbeat(study, quick):
+            pass  # shorter than the first beat: no write
+        with liveness.Heartbeat(study, long):
+            time.sleep(liveness.FIRST_BEAT_S + 1.5)
+            ages = internals.heartbeat_ages(study)
+            assert ages[quick] is None and ages[long] is not None and ages[long] < 2
+        assert liveness.BEATS.due == {} and liveness.BEATS.beating is None
+        time.sleep(2.2)
+        assert internals.heartbeat_ages(study)[long] >= 2  # silent since the trial ended
+    finally:
+        internals.close(study)

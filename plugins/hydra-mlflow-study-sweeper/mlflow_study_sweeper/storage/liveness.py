@@ -12,6 +12,7 @@ import datetime
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,18 @@ def is_alive_here(label: dict[str, str] | None) -> bool | None:
 
 def label_trial(study: optuna.Study, trial_id: int) -> None:
     optuna_internals.set_trial_system_attr(study, trial_id, keys.WORKER, worker_label())
+
+
+def ask_labelled(study: optuna.Study, space: dict[str, Any], waiting: bool) -> optuna.Trial:
+    """The next trial, labelled with this worker: a new one in the write that creates it, or,
+    when the study may hold enqueued (WAITING) trials (`waiting`: a read just now found one, or
+    this worker enqueued one since), what `ask` hands out, labelled right after. A trial that
+    another worker enqueues after that read waits for the next ask."""
+    if waiting:
+        trial = study.ask(space)
+        label_trial(study, optuna_internals.trial_id(trial))
+        return trial
+    return optuna_internals.ask_new(study, space, {keys.WORKER: worker_label()})
 
 
 def watched(study: optuna.Study) -> bool:
@@ -174,30 +187,70 @@ class Heartbeat:
     """Records a trial's heartbeat in the RDB storage while the trial trains.
 
     The first beat comes after FIRST_BEAT_S, then one per heartbeat interval; a missed beat is
-    retried at the next one.
+    retried at the next one. One thread of the process beats for its trials (a trial costs no
+    thread of its own: starting and joining one per trial cost more than a toy trial's task).
     """
 
     def __init__(self, study: optuna.Study, trial_id: int) -> None:
         self.study = study
         self.trial_id = trial_id
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
 
     def __enter__(self) -> Heartbeat:
         interval = optuna_internals.heartbeat_interval(self.study)
         if interval:
-            self.thread = threading.Thread(target=self._beat, args=(interval,), daemon=True)
-            self.thread.start()
+            BEATS.add(self, interval)
         return self
 
-    def _beat(self, interval: float) -> None:
-        wait = min(FIRST_BEAT_S, interval)
-        while not self.stop.wait(wait):
-            with contextlib.suppress(Exception):
-                optuna_internals.record_heartbeat(self.study, self.trial_id)
-            wait = interval
-
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
+        BEATS.remove(self)  # after a beat in progress: none comes once the trial is over
+
+
+class Beats:
+    """The heartbeats of this process's trials, sent by one thread (started with the first)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.due: dict[Heartbeat, tuple[float, float]] = {}  # its next beat (monotonic), interval
+        self.beating: Heartbeat | None = None
+        self.thread: threading.Thread | None = None
+
+    def add(self, heartbeat: Heartbeat, interval: float) -> None:
+        with self.lock:
+            self.due[heartbeat] = (time.monotonic() + min(FIRST_BEAT_S, interval), interval)
+            if self.thread is None or not self.thread.is_alive():  # the first, or after a fork
+                self.thread = threading.Thread(target=self.run, name="heartbeats", daemon=True)
+                self.thread.start()
+            self.lock.notify_all()
+
+    def remove(self, heartbeat: Heartbeat) -> None:
+        with self.lock:
+            self.due.pop(heartbeat, None)
+            while self.beating is heartbeat:
+                self.lock.wait()
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                heartbeat = self.next_due()
+                self.beating = heartbeat
+            try:
+                with contextlib.suppress(Exception):
+                    optuna_internals.record_heartbeat(heartbeat.study, heartbeat.trial_id)
+            finally:
+                with self.lock:
+                    self.beating = None
+                    self.lock.notify_all()
+
+    def next_due(self) -> Heartbeat:
+        """The next trial to beat for, once its beat is due (the lock held)."""
+        while True:
+            now = time.monotonic()
+            for heartbeat, (at, interval) in self.due.items():
+                if at <= now:
+                    self.due[heartbeat] = (now + interval, interval)
+                    return heartbeat
+            soonest = min((at for at, _ in self.due.values()), default=None)
+            self.lock.wait(None if soonest is None else soonest - now)
+
+
+BEATS = Beats()

@@ -10,6 +10,7 @@ is private is how a Study or a Trial holds the storage and its ids.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import fcntl
 import json
@@ -48,6 +49,139 @@ def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
 def live_trial(study: optuna.Study, trial_id: int) -> optuna.Trial:
     """A Trial object for a running trial, as Optuna's own optimize loop makes one."""
     return optuna.trial.Trial(study, trial_id)
+
+
+def ask_new(
+    study: optuna.Study, space: dict[str, BaseDistribution], system_attrs: dict[str, Any]
+) -> optuna.Trial:
+    """study.ask(space), for a study whose enqueued (WAITING) trials are none or left to a
+    later ask: a new trial, which carries `system_attrs` from the transaction that creates it,
+    and no read of the waiting trials first (ask's first call to the storage).
+
+    On an RDB storage (behind Optuna's cache) the trial is not read back (Trial's first act: it
+    is answered with what was written), and its sampled params are held back, to be written
+    with its run id in one transaction (record_started) instead of one each."""
+    study._thread_local.cached_all_trials = None  # as ask does: samplers read the trials anew
+    template = FrozenTrial(
+        number=-1,  # the storage numbers it
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(),
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs=system_attrs,
+        intermediate_values={},
+        trial_id=-1,
+    )
+    storage = study._storage
+    trial_id = storage.create_new_trial(study._study_id, template_trial=template)
+    created = _just_created(storage, trial_id)
+    if created is None:
+        trial = optuna.trial.Trial(study, trial_id)
+        for name, distribution in space.items():
+            trial._suggest(name, distribution)
+        return trial
+    cls = type(storage)
+    storage.get_trial = lambda asked: (
+        created if asked == trial_id else cls.get_trial(storage, asked)
+    )
+    try:
+        trial = optuna.trial.Trial(study, trial_id)
+    finally:
+        del storage.get_trial  # a sampler's before_trial may have written to it since
+    held = _HELD_PARAMS.setdefault(trial_id, [])
+    storage.set_trial_param = lambda asked, name, value, dist: (
+        held.append((name, value, dist))
+        if asked == trial_id
+        else cls.set_trial_param(storage, asked, name, value, dist)
+    )
+    try:
+        for name, distribution in space.items():
+            trial._suggest(name, distribution)
+    finally:
+        del storage.set_trial_param
+    return trial
+
+
+# the params ask_new sampled for a new trial and held back, by trial id, until record_started
+_HELD_PARAMS: dict[int, list[tuple[str, float, BaseDistribution]]] = {}
+
+
+def record_started(study: optuna.Study, trial: optuna.Trial, user_attrs: dict[str, Any]) -> None:
+    """`user_attrs` on the trial, as Trial.set_user_attr sets them, in one transaction with the
+    params ask_new held back for it (its ask wrote them otherwise)."""
+    trial_id = trial._trial_id
+    held = _HELD_PARAMS.pop(trial_id, None)
+    if not held:
+        for key, value in user_attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    storage = study._storage
+    rdb = storage._backend
+    known = storage._studies[study._study_id].param_distribution  # what the cache checked
+
+    def attempt(retrying: bool) -> None:
+        if retrying and _param_written(rdb, trial_id, held[0][0]):
+            return  # the attempt before this one was committed, and its answer lost
+        with _create_scoped_session(rdb.scoped_session) as session:
+            for name, value, distribution in held:
+                rdb._set_trial_param_without_commit(
+                    session, trial_id, name, value, distribution, known.get(name)
+                )
+            for key, value in user_attrs.items():
+                rdb._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, trial_id, key, value
+                )
+
+    _call_of(rdb)(attempt)
+    with storage._lock:
+        for name, _, distribution in held:
+            known.setdefault(name, distribution)
+    trial._cached_frozen_trial.user_attrs.update(user_attrs)
+
+
+def drop_held(trial_id: int) -> None:
+    """A trial that will not run: its held params are not written."""
+    _HELD_PARAMS.pop(trial_id, None)
+
+
+def _param_written(rdb: RDBStorage, trial_id: int, name: str) -> bool:
+    try:
+        RDBStorage.get_trial_param(rdb, trial_id, name)
+    except KeyError:
+        return False
+    return True
+
+
+def tell(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    values: Sequence[float] | None = None,
+    state: TrialState | None = None,
+) -> TrialState:
+    """study.tell, but for reading the trial back afterwards (tell's last act): the state told
+    (FAIL where the values were refused)."""
+    from optuna.study._tell import _tell_with_warning
+
+    told, _, _ = _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
+    return told
+
+
+def _just_created(storage: BaseStorage, trial_id: int) -> FrozenTrial | None:
+    """A copy of the trial Optuna's cache (in front of an RDBStorage) kept when it created it,
+    as the database holds it; None for another storage."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    if not isinstance(storage, _CachedStorage):
+        return None
+    with storage._lock:
+        study_id, number = storage._trial_id_to_study_id_and_number[trial_id]
+        return copy.deepcopy(storage._studies[study_id].trials[number])
 
 
 # ---- attributes and states, through the storage --------------------------------------------------

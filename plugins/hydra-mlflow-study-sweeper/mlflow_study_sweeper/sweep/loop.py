@@ -63,6 +63,7 @@ class Outcome:
     reason: str = ""
     stop: bool = False  # every trial would fail the same way: the sweep stops after this one
     tags: dict[str, Any] = field(default_factory=dict)
+    checkpoint_at: int | None = None  # the last checkpoint its job saved (complete or pruned)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,41 @@ class LoopSettings:
 
 
 @dataclass
+class Census:
+    """What the loop needs from one read of the study's trials, counted in one pass (a study of
+    a thousand trials is read once per trial)."""
+
+    finished: int = 0  # complete and pruned, imported ones apart (console.finished)
+    running: list[FrozenTrial] = field(default_factory=list)
+    waiting: bool = False  # an enqueued trial, for `ask` to hand out
+    mine: int = 0  # trials asked since this command started
+    errors: int = 0  # ... that failed by raising or by their timeout
+    dead: int = 0  # failed or imported: they never count as finished
+    failed: list[FrozenTrial] = field(default_factory=list)  # for continuations, retries
+
+    @classmethod
+    def of(cls, trials: list[FrozenTrial], first_number: int) -> Census:
+        census = cls()
+        for t in trials:
+            state, imported = t.state, keys.is_imported(t)
+            if state == TrialState.RUNNING:
+                census.running.append(t)
+            elif state == TrialState.WAITING:
+                census.waiting = True
+            elif state in (TrialState.COMPLETE, TrialState.PRUNED) and not imported:
+                census.finished += 1
+            if state == TrialState.FAIL or imported:
+                census.dead += 1
+            if t.number >= first_number:
+                census.mine += 1
+                if state == TrialState.FAIL and keys.failure(t) in ("error", "timeout"):
+                    census.errors += 1
+            if state == TrialState.FAIL:
+                census.failed.append(t)
+        return census
+
+
+@dataclass
 class TrialLoop:
     study: optuna.Study
     space: dict[str, Any]
@@ -93,7 +129,7 @@ class TrialLoop:
     deadline: float | None = None  # time.time() after which no trial runs (the time budget)
     durations: list[float] = field(default_factory=list)
     first_number: int = 0
-    last: tuple[FrozenTrial, float] | None = None  # the last trial and its seconds, not printed
+    last: tuple[int, float] | None = None  # the last trial's number and seconds, not printed
     in_flight: str | None = None  # the run of the trial being trained, until it is told
     # the search-space function: its params join each trial's after the grammar's (ask)
     search: SearchFunction | None = None
@@ -105,13 +141,21 @@ class TrialLoop:
 
     # -- the loop --
     def run(self) -> LoopEnd:
+        try:
+            return self.ask_run_tell()
+        finally:
+            self.jobs.close()  # the sweep's logging back after the last job
+
+    def ask_run_tell(self) -> LoopEnd:
         while True:
             trials = self.study.get_trials(deepcopy=False)
-            if self.recover(trials=trials):
+            census = Census.of(trials, self.first_number)
+            if census.running and self.recover(trials=census.running):
                 trials = self.study.get_trials(deepcopy=False)
-            finished = console.finished(trials)
+                census = Census.of(trials, self.first_number)
+            finished = census.finished
             self.print_result(trials, finished)
-            self.check_failure_budget(trials)
+            self.check_failure_budget(census)
             if finished >= self.settings.n_trials:
                 return LoopEnd(Ending.FINISHED)
             sampler = self.study.sampler
@@ -119,12 +163,12 @@ class TrialLoop:
                 return LoopEnd(Ending.GRID_USED_UP)
             if self.deadline is not None and time.time() + expected_seconds(trials) > self.deadline:
                 return LoopEnd(Ending.OUT_OF_BUDGET)
-            for note in resume.enqueue_continuations(self.study, trials):
-                print(note, flush=True)
-            for note in retry.enqueue_retries(self.study, trials):
+            enqueued = resume.enqueue_continuations(self.study, census.failed)
+            enqueued += retry.enqueue_retries(self.study, census.failed)
+            for note in enqueued:
                 print(note, flush=True)
             # trials in training; an enqueued (WAITING) one is for `ask` below to hand out
-            training = sum(1 for t in trials if t.state == TrialState.RUNNING)
+            training = len(census.running)
             if finished + training >= self.settings.n_trials:
                 unwatched = self.running_unwatched(trials)
                 if unwatched:  # trials whose death this command could not see
@@ -132,16 +176,15 @@ class TrialLoop:
                 time.sleep(1)  # the last trials: recover() fails them if their worker dies
                 continue
             with optuna_quietly():
-                trial = self.study.ask(self.space)
-            trial_id = optuna_internals.trial_id(trial)
-            liveness.label_trial(self.study, trial_id)
+                waiting = bool(enqueued) or census.waiting
+                trial = liveness.ask_labelled(self.study, self.space, waiting)
             crash_point("after-ask")
-            if self.surplus(trial, trials):
+            if self.surplus(trial, census):
                 continue
             started = time.perf_counter()
-            frozen = self.run_trial(trial)
+            number = self.run_trial(trial)
             self.durations.append(time.perf_counter() - started)
-            self.last = (frozen, self.durations[-1])
+            self.last = (number, self.durations[-1])
 
     def watch(self, workers: Any, poll_s: float = 1.0) -> LoopEnd:
         """The study watched while other processes train it (Ray's workers): the trials of dead
@@ -151,8 +194,9 @@ class TrialLoop:
             trials = self.study.get_trials(deepcopy=False)
             if self.recover(trials=trials):
                 trials = self.study.get_trials(deepcopy=False)
-            self.check_failure_budget(trials)
-            if console.finished(trials) >= self.settings.n_trials:
+            census = Census.of(trials, self.first_number)
+            self.check_failure_budget(census)
+            if census.finished >= self.settings.n_trials:
                 return LoopEnd(Ending.FINISHED)
             sampler = self.study.sampler
             if isinstance(sampler, ExhaustibleGridSampler) and sampler.exhausted(self.study):
@@ -200,38 +244,32 @@ class TrialLoop:
                 out.append(f"trial {t.number} (pid {pid} on {liveness.host_name(host)})")
         return out
 
-    def check_failure_budget(self, trials: list[FrozenTrial]) -> None:
-        mine = [t for t in trials if t.number >= self.first_number]
-        errors = sum(
-            1
-            for t in mine
-            if t.state == TrialState.FAIL and keys.failure(t) in ("error", "timeout")
-        )
+    def check_failure_budget(self, census: Census) -> None:
+        mine, errors = census.mine, census.errors
         if errors >= 2 * self.settings.n_trials + 10:
             # max_failure_rate=1.0 never stops on the rate: a command whose every trial fails
             # would otherwise ask for trials forever
             raise SweepStopped(
-                f"{errors} of {len(mine)} trials started by this command failed (twice "
+                f"{errors} of {mine} trials started by this command failed (twice "
                 f"n_trials plus 10): the sweep stopped. See each failed run's failure_reason tag "
                 f"in MLflow, fix the cause and rerun the command to resume."
             )
         # judged against the planned trials until more than that have run, so that one early
         # failure does not look like a 100% rate
-        if errors > self.settings.max_failure_rate * max(self.settings.n_trials, len(mine)):
+        if errors > self.settings.max_failure_rate * max(self.settings.n_trials, mine):
             raise SweepStopped(
-                f"{errors} of {len(mine)} trials started by this command failed, more than "
+                f"{errors} of {mine} trials started by this command failed, more than "
                 f"hydra.sweeper.max_failure_rate={self.settings.max_failure_rate} allows: the "
                 f"sweep stopped. See each failed run's failure_reason tag in MLflow; fix the "
                 f"cause, or raise max_failure_rate (at 1.0 the sweep stops only after 2 x "
                 f"n_trials + 10 failures), and rerun the command to resume."
             )
 
-    def surplus(self, trial: optuna.Trial, before: list[FrozenTrial]) -> bool:
+    def surplus(self, trial: optuna.Trial, before: Census) -> bool:
         """Another worker asked for the last trial at the same moment: give this one back."""
         # the trials numbered below this one that were failed or imported stay so: if the rest
         # cannot reach n_trials, there is nothing to read
-        dead = sum(1 for t in before if t.state == TrialState.FAIL or keys.is_imported(t))
-        if trial.number - dead < self.settings.n_trials:
+        if trial.number - before.dead < self.settings.n_trials:
             return False
         ahead = [
             t
@@ -241,12 +279,13 @@ class TrialLoop:
         if len(ahead) < self.settings.n_trials:
             return False
         trial_id = optuna_internals.trial_id(trial)
+        optuna_internals.drop_held(trial_id)
         fail_trial(self.study, trial_id, "surplus", "not run: n_trials were already taken")
         return True
 
     # -- one trial --
-    def run_trial(self, trial: optuna.Trial) -> FrozenTrial:
-        """Run one trial from its run's start to its end; return it as it ended."""
+    def run_trial(self, trial: optuna.Trial) -> int:
+        """Run one trial from its run's start to its end; returns its number."""
         trial_id = optuna_internals.trial_id(trial)
         refused = None
         if self.search is not None:
@@ -257,7 +296,7 @@ class TrialLoop:
         run_id = self.runs.trial_started(trial.number, trial.params, self.retry_tags(trial))
         crash_point("run-created")  # a run no trial records yet: SweepRuns.settle closes it
         self.in_flight = run_id
-        trial.set_user_attr(keys.RUN_ID, run_id)
+        optuna_internals.record_started(self.study, trial, {keys.RUN_ID: run_id})  # params too
         # a run created while the tracking server was away has a provisional id; the relay
         # tells the study its real one when it delivers it, but if it did so before the line
         # above, the study was told nothing yet and kept the provisional one (the soak found it)
@@ -268,9 +307,9 @@ class TrialLoop:
         if refused is not None:  # nothing to train: the trial fails, its run says why
             log.warning("trial %d failed: %s", trial.number, refused)
             outcome = Outcome(TrialState.FAIL, kind="error", reason=refused)
-            frozen = self.tell(trial, run_id, outcome)
+            self.tell(trial, run_id, outcome)
             self.in_flight = None
-            return frozen
+            return trial.number
         env = contract.job_environment(
             run_id, self.runs.experiment_id, self.study.study_name, trial_id, trial.number
         )
@@ -317,14 +356,14 @@ class TrialLoop:
             if self.progress is not None:
                 self.progress.clear()
         crash_point("after-job")
-        frozen = self.tell(trial, run_id, outcome)
+        self.tell(trial, run_id, outcome)
         self.in_flight = None
         if outcome.stop:
             raise SweepStopped(
                 f"trial {trial.number}: {outcome.reason}. Every trial would fail the same way: "
                 f"the sweep stopped. Fix the task function and rerun the command to resume."
             )
-        return frozen
+        return trial.number
 
     def retry_tags(self, trial: optuna.Trial) -> dict[str, str]:
         """A retry's run names the run of the attempt it repeats."""
@@ -350,18 +389,19 @@ class TrialLoop:
             )
         if decided.pruned_at is not None:
             tags[keys.PRUNED_AT_EPOCH] = decided.pruned_at
+        saved = decided.checkpoint_at
         if ret.status == JobStatus.COMPLETED:
             if decided.pruned_at is not None:
-                return Outcome(TrialState.PRUNED, tags=tags)
+                return Outcome(TrialState.PRUNED, tags=tags, checkpoint_at=saved)
             try:
                 values = self.objectives.values(ret.return_value)
             except ValueError as err:  # not a number, NaN, a tuple where a dict is wanted
                 stop = isinstance(err, ReturnFormError)
                 return Outcome(TrialState.FAIL, kind="error", reason=str(err), stop=stop)
-            return Outcome(TrialState.COMPLETE, values=values)
+            return Outcome(TrialState.COMPLETE, values=values, checkpoint_at=saved)
         err = job_error(ret)
         if isinstance(err, optuna.TrialPruned) or decided.pruned_at is not None:
-            return Outcome(TrialState.PRUNED, tags=tags)
+            return Outcome(TrialState.PRUNED, tags=tags, checkpoint_at=saved)
         if isinstance(err, TrialTimeout):
             return Outcome(TrialState.FAIL, kind="timeout", reason=str(err))
         log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
@@ -370,40 +410,55 @@ class TrialLoop:
             kind = retry.TRANSIENT  # tried again (enqueue_retries); not a failure of the budget
         return Outcome(TrialState.FAIL, kind=kind, reason=f"{type(err).__name__}: {err}")
 
-    def tell(self, trial: optuna.Trial, run_id: str, outcome: Outcome) -> FrozenTrial:
-        """The outcome into the study, then onto the run; returns the trial as it ended."""
+    def tell(self, trial: optuna.Trial, run_id: str, outcome: Outcome) -> None:
+        """The outcome into the study, then onto the run. A complete or pruned trial is not read
+        back (what its run needs is known; the loop's next read has it, for its line); a failed
+        one is, for the reason recorded."""
         trial_id = optuna_internals.trial_id(trial)
-        values = None
-        if outcome.state == TrialState.COMPLETE:
+        values, frozen = None, None
+        if outcome.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            complete = outcome.state == TrialState.COMPLETE
             with optuna_quietly():
-                frozen = self.study.tell(trial, outcome.values)
-            values = dict(zip(self.objectives.names, outcome.values, strict=True))
-        elif outcome.state == TrialState.PRUNED:
-            with optuna_quietly():
-                frozen = self.study.tell(trial, state=TrialState.PRUNED)
+                state = optuna_internals.tell(
+                    self.study,
+                    trial,
+                    values=outcome.values if complete else None,
+                    state=None if complete else TrialState.PRUNED,
+                )
+            if complete:
+                values = dict(zip(self.objectives.names, outcome.values, strict=True))
+            saved = outcome.checkpoint_at
         else:
             fail_trial(self.study, trial_id, outcome.kind, outcome.reason)
+            state = None
+        if state not in (TrialState.COMPLETE, TrialState.PRUNED):  # failed, or values refused
             frozen = optuna_internals.frozen(self.study, trial_id)
+            state, saved = frozen.state, keys.checkpoint_step(frozen)
         crash_point("after-tell")
-        tags = {keys.STATE: frozen.state.name, **outcome.tags}
-        if frozen.state == TrialState.FAIL:
+        tags = {keys.STATE: state.name, **outcome.tags}
+        if frozen is not None and state == TrialState.FAIL:
             tags[keys.FAILURE_REASON] = keys.fail_reason(frozen)
+        status = keys.run_status(frozen) if frozen is not None else keys.RUN_STATUS[state.name]
         # every objective on the run, also those the job did not log itself
-        self.runs.trial_ended(run_id, keys.run_status(frozen), tags, values)
+        self.runs.trial_ended(run_id, status, tags, values)
         # an interrupted trial keeps its checkpoint; a trial that never saved one costs nothing
-        saved = keys.checkpoint_step(frozen) is not None or keys.continues(frozen) is not None
-        if outcome.kind not in (*resume.CONTINUABLE, retry.TRANSIENT) and saved:
+        if outcome.kind not in (*resume.CONTINUABLE, retry.TRANSIENT) and (
+            saved is not None or keys.continues(trial) is not None
+        ):
+            frozen = frozen or optuna_internals.frozen(self.study, trial_id)
             resume.tidy_checkpoints(
                 self.runs.client, self.study, frozen, self.settings.keep_checkpoints
             )
-        return frozen
 
     def print_result(self, trials: list[FrozenTrial], finished: int) -> None:
         """The last trial's line, with the counts of the read that follows it."""
         if self.last is None:
             return
-        frozen, seconds = self.last
+        number, seconds = self.last
         self.last = None
+        frozen = trials[number] if number < len(trials) else None
+        if frozen is None or frozen.number != number:
+            frozen = next(t for t in trials if t.number == number)
         left = max(self.settings.n_trials - finished, 0)
         mean = sum(self.durations) / len(self.durations)
         seconds_left = mean * left / self.settings.n_jobs if left else None

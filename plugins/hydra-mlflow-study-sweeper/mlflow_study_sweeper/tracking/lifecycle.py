@@ -1,8 +1,10 @@
 """The MLflow side of a sweep: every run's lifecycle (the parent, one per trial).
 
 `SweepRuns` is called at a trial's start and end, and by the end step for the parent; nothing
-else in the sweeper creates a run or sets a status. Each trial costs four calls: create the run,
-log its params, log its outcome (metrics and tags in one batch), set its status.
+else in the sweeper creates a run or sets a status. Each trial costs five calls or a few more:
+create the run, log its params, read whether the job logged the objective itself, log its
+outcome (metric and tags), set its status; params, metrics and tags go to a server in a batch,
+and to a database a call each when there are two at most (see log_few).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mlflow_study_sweeper.tracking.offline import TrackingOffline, unreachable
 
 log = logging.getLogger(__name__)
 MAX_PARAMS, MAX_METRICS = 100, 1000  # MLflow's limits per log_batch
+SERVER_SCHEMES = ("http://", "https://", "databricks")  # stores that take a request per call
 
 
 # ---- values as MLflow keeps them -----------------------------------------------------------------
@@ -68,6 +71,28 @@ def log_batch(
             run_id, params=params[:MAX_PARAMS], metrics=metrics[:MAX_METRICS], tags=tags[:100]
         )
         params, metrics, tags = params[MAX_PARAMS:], metrics[MAX_METRICS:], tags[100:]
+
+
+def log_few(
+    client: MlflowClient,
+    run_id: str,
+    params: list[Param] = (),
+    metrics: list[Metric] = (),
+    tags: list[RunTag] = (),
+) -> None:
+    """log_batch, or for two items at most on a database store one call each: the database
+    store opens a session per log_batch, one more per kind of item in it (metrics even when
+    there are none), where a log_param, log_metric or set_tag opens one; a server takes a
+    request per call."""
+    if len(params) + len(metrics) + len(tags) > 2 or client.tracking_uri.startswith(SERVER_SCHEMES):
+        log_batch(client, run_id, params=params, metrics=metrics, tags=tags)
+        return
+    for p in params:
+        client.log_param(run_id, p.key, p.value)
+    for m in metrics:
+        client.log_metric(run_id, m.key, m.value, timestamp=m.timestamp, step=m.step)
+    for t in tags:
+        client.set_tag(run_id, t.key, t.value)
 
 
 def run_or_none(client: MlflowClient, run_id: str | None):
@@ -129,7 +154,7 @@ class SweepRuns:
             run_name=f"sweep-{self.study_name}",
             tags={keys.ROLE: keys.PARENT_ROLE, keys.STUDY_NAME: self.study_name},
         )
-        log_batch(self.client, run.info.run_id, params=as_params(params))
+        log_few(self.client, run.info.run_id, params=as_params(params))
         return run.info.run_id
 
     def use_parent(self, run_id: str) -> None:
@@ -158,7 +183,7 @@ class SweepRuns:
                 **(tags or {}),
             },
         )
-        log_batch(self.client, run.info.run_id, params=as_params(params))
+        log_few(self.client, run.info.run_id, params=as_params(params))
         return run.info.run_id
 
     def trial_ended(
@@ -175,7 +200,7 @@ class SweepRuns:
                 k: v for k, v in values.items() if not self.client.get_metric_history(run_id, k)
             }
             metrics = as_metrics(unlogged)
-        log_batch(self.client, run_id, metrics=metrics, tags=as_tags(tags))
+        log_few(self.client, run_id, metrics=metrics, tags=as_tags(tags))
         self.client.set_terminated(run_id, status=status)
 
     def release_job_runs(self, status: str) -> None:
