@@ -38,6 +38,14 @@ WORKER = "SWEEP_WORKER"  # "1" in an n_jobs worker process: it trains, it does n
 WORKER_ARG = "SWEEP_ARG_{index}"  # a worker's command-line argument that held a password
 JOURNAL_DIR = "SWEEP_JOURNAL_DIR"  # where writes wait for an unreachable tracking server
 HOST_ID = "SWEEP_HOST_ID"  # names this machine explicitly (containers that share boot ids)
+# a worker in a Slurm task of backend=slurm: the task (JOB_INDEX), and when its job's time limit is
+# near (seconds since the epoch, the signal's lead before the end; unset without a limit), both
+# written by the task's script
+SLURM_TASK = "SWEEP_SLURM_TASK"
+JOB_STOP_AT = "SWEEP_JOB_STOP_AT"
+# the exit status of a worker that left because its job's time limit was near: it trained what
+# it could, and a fresh task takes its place while work is left (EX_TEMPFAIL)
+LEFT_FOR_TIME_LIMIT = 75
 
 # -- the named fault points of tests (see _faults.py) --
 CRASH_AT = "SWEEP_CRASH_AT"
@@ -159,6 +167,16 @@ def without_job(env: dict[str, str]) -> dict[str, str]:
 
 def is_worker() -> bool:
     return os.environ.get(WORKER) == "1"
+
+
+def in_slurm_task() -> bool:
+    return bool(os.environ.get(SLURM_TASK))
+
+
+def job_stop_at() -> float | None:
+    """In a Slurm task of backend=slurm: when its workers stop (the time limit less the lead)."""
+    found = os.environ.get(JOB_STOP_AT)
+    return float(found) if found else None
 
 
 # ---- every write to this process's environment: here, and nowhere else ----------------------

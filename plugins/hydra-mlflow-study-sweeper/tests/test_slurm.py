@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from servers import create_database
 
 from mlflow_study_sweeper import keys
-from mlflow_study_sweeper.backends.slurm import DEFAULT_CONF, Layout
+from mlflow_study_sweeper.backends.slurm import DEFAULT_CONF, Layout, time_limit_seconds
 
 SLURM = "hydra.sweeper.backend=slurm"
 
@@ -97,37 +97,63 @@ def test_four_workers_share_two_gpus_in_two_tasks_and_the_invariant_holds(slurm,
     assert "'hydra.sweeper.storage=${oc.env:SWEEP_STORAGE_URL}'" in script
 
 
+# the tasks look like another machine: only Slurm (or heartbeats) can tell the watching command
+# that a worker is gone, and the heartbeat's grace is long
+ELSEWHERE = (
+    "hydra.sweeper.slurm.setup=['export SWEEP_HOST_ID=compute-node']",
+    "hydra.sweeper.heartbeat_grace=300",
+)
+
+
+def paused_sweep(toy, slurm, tmp_path, *overrides):
+    """The toy sweep on Slurm, one worker, its first trial paused at its third epoch's report
+    (epoch 2, checkpointed after it once the pause ends): (the command, the pause's file)."""
+    marker = tmp_path / "paused"
+    proc = toy.popen(
+        SLURM,
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner=null",
+        "checkpoint=true",
+        "epochs=6",
+        "epoch_seconds=0.3",
+        *overrides,
+        env={
+            **slurm.env,
+            "SWEEP_PAUSE_AT": "epoch-reported:3",
+            "SWEEP_PAUSE_FILE": str(marker),
+            "SWEEP_FAULT_ROLE": "worker",
+            "SWEEP_FAULT_ONCE": str(tmp_path / "once"),
+        },
+    )
+    deadline = time.monotonic() + 180
+    while not marker.exists() or not marker.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(proc.communicate()[0][-4000:])
+        time.sleep(0.2)
+    return proc, marker
+
+
+def finish(proc, timeout: float = 300) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["scancel", "node lost"])
 def test_a_task_stopped_mid_trial_is_replaced_and_its_trial_continued(
     slurm, shared_toy, tmp_path, how
 ):
     toy = shared_toy
-    marker, once = tmp_path / "paused", tmp_path / "once"
-    proc = toy.popen(
-        SLURM,
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.pruner=null",
-        # the tasks look like another machine: only Slurm (or heartbeats) can tell this
-        # process that a worker is gone, and the heartbeat's grace is long
-        "hydra.sweeper.slurm.setup=['export SWEEP_HOST_ID=compute-node']",
-        "hydra.sweeper.heartbeat_grace=300",
-        "checkpoint=true",
-        "epochs=6",
-        "epoch_seconds=0.3",
-        env={
-            **slurm.env,
-            "SWEEP_PAUSE_AT": "epoch-reported:3",
-            "SWEEP_PAUSE_FILE": str(marker),
-            "SWEEP_FAULT_ROLE": "worker",
-            "SWEEP_FAULT_ONCE": str(once),
-        },
-    )
+    proc, marker = paused_sweep(toy, slurm, tmp_path, *ELSEWHERE)
     try:
-        deadline = time.monotonic() + 180
-        while not marker.exists() or not marker.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.2)
         (task,) = slurm.jobs()
         stopped = time.time()
         if how == "scancel":  # SIGTERM: the worker closes its own trial, then exits 143
@@ -138,13 +164,8 @@ def test_a_task_stopped_mid_trial_is_replaced_and_its_trial_continued(
             shell = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
             os.kill(shell, signal.SIGKILL)
             os.kill(worker, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=240)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, out[-4000:]
-    assert "Traceback" not in out
+        out = finish(proc)
     why = (
         "its worker(s) exited with 143"
         if how == "scancel"
@@ -165,6 +186,96 @@ def test_a_task_stopped_mid_trial_is_replaced_and_its_trial_continued(
     assert continued.state == TrialState.COMPLETE and continued.params == first.params
     assert continued.system_attrs[keys.WORKER]["slurm"] != task  # its replacement's
     assert "replaces it" in out
+    assert slurm.jobs() == []
+
+
+@pytest.mark.slow
+def test_the_time_limits_signal_stops_the_trial_at_its_next_epoch_and_a_fresh_task_continues(
+    slurm, shared_toy, tmp_path
+):
+    """USR1 to the task's shell alone, as Slurm sends it (--signal=B:USR1@lead): the shell
+    hands it on, the worker stops its trial at the next epoch, checkpointed, and leaves."""
+    toy = shared_toy
+    proc, marker = paused_sweep(toy, slurm, tmp_path)
+    try:
+        (task,) = slurm.jobs()
+        signalled = slurm.run("scancel", "--signal=USR1", "--batch", task)
+        assert signalled.returncode == 0, signalled.stderr
+        time.sleep(2)  # the worker heard it (its line below says so), paused in epoch 2's report
+        marker.unlink()  # epoch 2 checkpointed; epoch 3's report stops the trial
+    finally:
+        out = finish(proc)
+    said = (toy.sweep_dir / "slurm" / f"{task}.out").read_text()  # the worker's output
+    assert "Slurm's signal: this task's time limit is near" in said, said[-4000:]
+    assert "This worker leaves: its Slurm job's time limit is near" in said
+    assert f"Slurm task {task} left before its time limit: a fresh task takes its place" in out
+    assert f"Slurm task {task} is lost" not in out
+    check_invariant(toy, n_trials=2)
+    trials = toy.study().get_trials()
+    first = trials[0]
+    assert first.state == TrialState.FAIL and keys.failure(first) == "interrupted"
+    reason = "stopped at epoch 3: its Slurm job's time limit is near (USR1)"
+    assert first.user_attrs["fail_reason"] == reason
+    (continued,) = [t for t in trials if t.user_attrs.get("continues_trial") == 0]
+    assert continued.state == TrialState.COMPLETE and continued.params == first.params
+    assert continued.system_attrs[keys.WORKER]["slurm"] != task  # the fresh task's
+    # only the epochs after the checkpoint (2) were trained again: 3, 4, 5
+    assert sorted(continued.intermediate_values) == [0, 1, 2, 3, 4, 5]
+    assert slurm.jobs() == []
+
+
+@pytest.mark.slow
+def test_a_requeued_task_closes_its_trial_and_rejoins_the_sweep(slurm, shared_toy, tmp_path):
+    """`scontrol requeue` (as a preemption does): SIGTERM, the trial closed and continued, the
+    same task back in the queue, not replaced."""
+    toy = shared_toy
+    proc, marker = paused_sweep(toy, slurm, tmp_path, *ELSEWHERE)
+    try:
+        (task,) = slurm.jobs()
+        requeued = slurm.run("scontrol", "requeue", task)
+        assert requeued.returncode == 0, requeued.stderr
+    finally:
+        out = finish(proc)
+    assert f"Slurm task {task} was requeued: it rejoins when it runs again" in out, out[-4000:]
+    assert "is lost" not in out and "replaces it" not in out
+    check_invariant(toy, n_trials=2)
+    trials = toy.study().get_trials()
+    first = trials[0]
+    assert first.state == TrialState.FAIL
+    assert first.user_attrs["fail_reason"] == "stopped by SIGTERM while training"
+    (continued,) = [t for t in trials if t.user_attrs.get("continues_trial") == 0]
+    assert continued.state == TrialState.COMPLETE and continued.params == first.params
+    assert continued.system_attrs[keys.WORKER]["slurm"] == task  # the task rejoined
+    runs = (toy.sweep_dir / "slurm" / f"{task}.out").read_text()
+    assert runs.count(f"task {task} on ") == 2  # both of its runs, in one output
+
+
+@pytest.mark.slow
+def test_a_task_reaching_its_time_limit_leaves_in_time_and_a_fresh_one_goes_on(slurm, shared_toy):
+    """A real 1-minute limit, the signal 20 s before it (Slurm sends it up to 30 s earlier
+    still): no trial starts that would end after the signal, the one running stops at an epoch,
+    nothing is killed by the limit itself, and fresh tasks finish the study."""
+    toy = shared_toy
+    out = finish(
+        toy.popen(
+            SLURM,
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.pruner=null",
+            "hydra.sweeper.slurm.time=1",
+            "hydra.sweeper.slurm.signal_lead=20",
+            "checkpoint=true",
+            "epochs=6",
+            "epoch_seconds=1.5",
+            env=slurm.env,
+        ),
+        timeout=420,
+    )
+    assert "left before its time limit: a fresh task takes its place" in out, out[-4000:]
+    assert "is lost" not in out, out[-4000:]
+    check_invariant(toy, n_trials=4)
+    for t in toy.study().get_trials():
+        if t.state == TrialState.FAIL:  # only ever stopped at an epoch, before the limit
+            assert "its Slurm job's time limit is near" in t.user_attrs["fail_reason"]
     assert slurm.jobs() == []
 
 
@@ -262,7 +373,13 @@ def test_a_store_on_this_machine_is_refused(slurm, postgres, tmp_path, store):
             ["hydra.sweeper.slurm.partition=gpu"],
             "Slurm has no partition 'gpu'; its partitions: main",
         ),
-        (["hydra.sweeper.slurm.time=soon"], "sbatch refuses the workers' options (sbatch: "),
+        (["hydra.sweeper.slurm.time=soon"], "hydra.sweeper.slurm.time='soon' is not a Slurm time"),
+        (
+            ["hydra.sweeper.slurm.time=2", "hydra.sweeper.slurm.signal_lead=120"],
+            "hydra.sweeper.slurm.time=2 (120 s) is not longer than "
+            "hydra.sweeper.slurm.signal_lead=120 s",
+        ),
+        (["hydra.sweeper.slurm.signal_lead=0"], "a whole number from 1 to 65535"),
         (["+hydra.sweeper.slurm.options.nodes=2"], "sbatch refuses the workers' options ("),
     ],
 )
@@ -301,6 +418,26 @@ def test_the_script_holds_the_settings_and_no_password(tmp_path):
         "#SBATCH --qos=high", "#SBATCH --constraint=a100", "#SBATCH --exclusive",
         "module load cuda", "cd /work", "export SWEEP_WORKER=1 OMP_NUM_THREADS=2",
         "hydra.sweeper.n_jobs=1 hydra.sweeper.backend=local",
+        # a requeue (preemption) runs it again; the time limit's warning, 300 s before it
+        "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --open-mode=append",
+        "export SWEEP_JOB_STOP_AT=$(( end - 300 ))",
     ):  # fmt: skip
         assert line in script, line
     assert "secret" not in script and list(secrets.values()) == ["postgresql://u:secret@db/optuna"]
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("30", 1800), ("2:30", 150), ("1:00:00", 3600), ("1-0", 86400), ("1-2:03", 93780),
+        ("2-00:00:05", 172805), ("UNLIMITED", None), ("infinite", None),
+    ],
+)  # fmt: skip
+def test_time_limits_are_read_as_sbatch_writes_them(text, seconds):
+    assert time_limit_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "1:2:3:4", "", "-5"])
+def test_other_time_limits_are_not_read(text):
+    with pytest.raises(ValueError):
+        time_limit_seconds(text)

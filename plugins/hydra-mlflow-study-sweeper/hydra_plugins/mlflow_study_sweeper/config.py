@@ -77,6 +77,10 @@ class SlurmConf:
     time: Any = None
     account: Any = None
     qos: Any = None
+    # seconds before the time limit at which Slurm signals a task (--signal=B:USR1@lead, with
+    # --requeue): its workers stop their trials at the next epoch, checkpointed, and leave for a
+    # fresh task. Longer than an epoch and its checkpoint; Slurm may signal up to 60 s early
+    signal_lead: int = 300
     # further sbatch options, without their dashes: {constraint: a100, mem: 16G, exclusive: ""}
     options: dict[str, Any] = field(default_factory=dict)
     # shell lines each task runs before its workers: [module load cuda, source venv/bin/activate]

@@ -9,6 +9,14 @@ its accounting database: each task writes its workers' exit statuses to a file b
 output, and a task that leaves the queue without that file, or with a status other than 0,
 lost its workers. The stores' URLs and any password reach the tasks through the environment
 that sbatch exports, never the script or a command line.
+
+Time limits and preemption: the tasks are submitted with --requeue and --signal=B:USR1@lead.
+The task's shell hands USR1 on to its workers, which stop their trials at the next epoch (the
+trial fails as interrupted, with its checkpoint, and is continued by whichever worker asks next)
+and exit 75; this process then submits a fresh task in its place. A worker also starts no trial
+that would not end before the signal, judged as the time budget judges. A requeued task
+(preemption, `scontrol requeue`) gets SIGTERM, its workers close their trials as on scancel, and
+the task rejoins the sweep when Slurm starts it again: it stays in the queue, and is not replaced.
 """
 
 from __future__ import annotations
@@ -54,6 +62,51 @@ class SlurmSettings:
     qos: str | None = None
     options: dict[str, str] = field(default_factory=dict)  # further sbatch options
     setup: tuple[str, ...] = ()  # lines run before the workers (module load, a venv)
+    signal_lead: int = 300  # seconds before the time limit at which the workers are told
+
+
+TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def time_limit_seconds(value: str) -> int | None:
+    """sbatch's --time in seconds: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+    days-hours:minutes, days-hours:minutes:seconds; None for unlimited; ValueError otherwise."""
+    text = value.strip().lower()
+    if text in ("-1", "infinite", "unlimited"):
+        return None
+    match = TIME.fullmatch(text)
+    if match is None:
+        raise ValueError(value)
+    days, a, b, c = match.groups()
+    if days is None:
+        parts = [int(x) for x in (a, b, c) if x is not None]
+        if len(parts) == 1:  # minutes
+            return parts[0] * 60
+        if len(parts) == 2:  # minutes:seconds
+            return parts[0] * 60 + parts[1]
+        return parts[0] * 3600 + parts[1] * 60 + parts[2]
+    hours, minutes, seconds = int(a), int(b or 0), int(c or 0)
+    return int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def check_time_limit(settings: SlurmSettings) -> None:
+    """The signal's lead fits in the time limit, with room for a trial before it."""
+    lead = settings.signal_lead
+    if settings.time is None:
+        return
+    try:
+        limit = time_limit_seconds(settings.time)
+    except ValueError:
+        raise SweepConfigError(
+            f"hydra.sweeper.slurm.time={settings.time!r} is not a Slurm time limit: write it as "
+            f"sbatch does (minutes, hours:minutes:seconds, days-hours:minutes:seconds)"
+        ) from None
+    if limit is not None and limit <= lead:
+        raise SweepConfigError(
+            f"hydra.sweeper.slurm.time={settings.time} ({limit} s) is not longer than "
+            f"hydra.sweeper.slurm.signal_lead={lead} s, when the workers are told to stop: "
+            f"raise the time limit, or lower the lead (it must still exceed an epoch)"
+        )
 
 
 @dataclass(frozen=True)
@@ -166,6 +219,11 @@ def directives(settings: SlurmSettings, layout: Layout, name: str, folder: Path)
         "array": f"0-{layout.tasks - 1}",
         "cpus-per-task": str(layout.cpus_per_task),
         "output": str(folder / "%A_%a.out"),
+        "open-mode": "append",  # a requeued task's output follows its first run's
+        # preemption or `scontrol requeue` puts the task back in the queue; the signal tells its
+        # workers, through the task's shell (B:), that its time limit is near
+        "requeue": "",
+        "signal": f"B:USR1@{settings.signal_lead}",
     }
     if layout.gpus_per_task:
         options["gres"] = f"gpu:{layout.gpus_per_task}"
@@ -276,20 +334,35 @@ class SlurmWorkers:
             *self.settings.setup,
             f"cd {shlex.quote(str(self.start_dir))}",
             f"export {contract.WORKER}=1 OMP_NUM_THREADS={lay.threads}",
-            'task="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+            f'export {contract.SLURM_TASK}="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"',
+            f'task="${contract.SLURM_TASK}"',
+            f'rm -f {shlex.quote(str(self.folder))}/"$task".exit  # a requeued run\'s earlier one',
+            "# when the workers stop: the job's end (squeue) less the signal's lead",
+            'end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)',
+            'end=$(date -d "$end" +%s 2>/dev/null) &&'
+            f" export {contract.JOB_STOP_AT}=$(( end - {self.settings.signal_lead} ))",
+            "# the time limit's signal, handed on to every worker: each stops at its next epoch",
+            "# (ignored until they run: a worker sets its own handler as it starts)",
+            "trap '' USR1",
+            "pids=()",
             f"workers=$(( {self.n_jobs} - SLURM_ARRAY_TASK_ID * {lay.per_task} ))",
             f"(( workers > {lay.per_task} )) && workers={lay.per_task}",
             'echo "task $task on $(hostname): $workers worker(s),'
             ' CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-}"',
-            "pids=()",
             "for ((i = 0; i < workers; i++)); do",
             f"  {python} &",
             "  pids+=($!)",
             "done",
+            """trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1""",
             "# scancel's SIGTERM reaches every worker; the shell waits for their ends",
             "trap '' TERM",
             "codes=()",
-            'for pid in "${pids[@]}"; do wait "$pid"; codes+=($?); done',
+            "# a signal handed on interrupts wait (128+): wait again while the worker lives",
+            'for pid in "${pids[@]}"; do',
+            '  while wait "$pid"; code=$?;'
+            ' (( code > 128 )) && kill -0 "$pid" 2>/dev/null; do :; done',
+            "  codes+=($code)",
+            "done",
             f'echo "${{codes[*]}}" > {shlex.quote(str(self.folder))}/"$task".exit',
         ]
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -348,13 +421,16 @@ class SlurmWorkers:
             return  # the controller is busy or restarting: look again later
         for task in list(self.tasks):
             state, node = listed.get(task.id, ("", ""))
-            if state and state not in ("COMPLETING", "COMPLETED"):
+            if state and state != "COMPLETED":
+                # COMPLETING too: a requeued task passes through it back to PENDING
                 if state == "RUNNING" and not task.seen:
                     task.seen = True
                     print(f"Slurm task {task.id} runs on {node}", flush=True)
+                elif state in ("PENDING", "REQUEUED", "REQUEUE_HOLD") and task.seen:
+                    task.seen = False
+                    again = "it rejoins when it runs again"
+                    print(f"Slurm task {task.id} was requeued: {again}", flush=True)
                 continue
-            if state == "COMPLETING" and not self.exit_file(task).exists():
-                continue  # its shell is still writing
             self.tasks.remove(task)
             self.ended(task)
 
@@ -369,6 +445,29 @@ class SlurmWorkers:
             codes = None
         if codes is not None and all(c == 0 for c in codes):
             return
+        left = codes is not None and all(c in (0, contract.LEFT_FOR_TIME_LIMIT) for c in codes)
+        if left:  # they stopped for its time limit: trials continue in a fresh task
+            work_left, trained = self.on_death(
+                {"slurm": task.id}, f"its Slurm task {task.id} ended"
+            )
+            if work_left and not trained:  # a fresh task would leave as this one did
+                print(
+                    f"Slurm task {task.id} left before its time limit without training a trial: "
+                    f"a trial, judged by those so far, would not end before the limit less "
+                    f"hydra.sweeper.slurm.signal_lead={self.settings.signal_lead} s. It is not "
+                    f"replaced: raise hydra.sweeper.slurm.time and rerun to resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
+            print(
+                f"Slurm task {task.id} left before its time limit"
+                + (": a fresh task takes its place" if work_left else ""),
+                flush=True,
+            )
+            if work_left:
+                self.resubmit(task)
+            return
         if codes is None:
             why = "it left the queue before its workers ended (scancel, a lost node, a time limit)"
         else:
@@ -379,9 +478,12 @@ class SlurmWorkers:
         )
         killed = codes is None or any(c >= 128 for c in codes)
         if self.replacements.replace(task.index, work_left, trained, killed):
-            job = self.submit(str(task.index))
-            self.tasks.append(Task(job, task.index))
-            print(f"Slurm task {job}_{task.index} replaces it", flush=True)
+            self.resubmit(task)
+
+    def resubmit(self, task: Task) -> None:
+        job = self.submit(str(task.index))
+        self.tasks.append(Task(job, task.index))
+        print(f"Slurm task {job}_{task.index} replaces it", flush=True)
 
     def alive(self) -> bool:
         return bool(self.tasks)

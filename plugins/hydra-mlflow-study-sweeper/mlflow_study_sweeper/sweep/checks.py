@@ -275,9 +275,20 @@ class Checks:
                     f"without its dashes (constraint, mem, exclusive) and a one-line value"
                 )
             options[str(key)] = "" if value is None else str(value)
-        return slurm.SlurmSettings(
-            **named, options=options, setup=tuple(str(line) for line in conf.setup or [])
+        lead = conf.signal_lead
+        if isinstance(lead, bool) or not isinstance(lead, int) or not 0 < lead <= 65535:
+            raise SweepConfigError(
+                f"hydra.sweeper.slurm.signal_lead={lead!r}: the seconds before the time limit at "
+                f"which the workers stop, a whole number from 1 to 65535 (Slurm's limit)"
+            )
+        settings = slurm.SlurmSettings(
+            **named,
+            options=options,
+            setup=tuple(str(line) for line in conf.setup or []),
+            signal_lead=lead,
         )
+        slurm.check_time_limit(settings)
+        return settings
 
     def cluster(self, storage: str | None, tracking_uri: str, workers: WorkerSettings) -> Any:
         """backend=ray: the cluster joined (or started) and checked; None for local workers."""

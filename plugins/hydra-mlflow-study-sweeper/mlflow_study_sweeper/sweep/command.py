@@ -69,10 +69,14 @@ def run_sweep(
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt(terminated: threading.Event, interrupted: threading.Event):
+def sigterm_as_interrupt(
+    terminated: threading.Event, interrupted: threading.Event, leaving: threading.Event
+):
     """SIGTERM (a scheduler's preemption) stops the sweep as Ctrl-C does, then exits 143;
     `terminated` tells the two apart. `interrupted` is set by either: a KeyboardInterrupt raised
-    inside a database call comes out as the driver's error (psycopg cancels the query)."""
+    inside a database call comes out as the driver's error (psycopg cancels the query). In a
+    Slurm task, USR1 (its time limit is near) sets `leaving`: the trial stops at its next epoch,
+    and the worker leaves."""
 
     def stop(signum, frame):
         terminated.set()
@@ -83,8 +87,21 @@ def sigterm_as_interrupt(terminated: threading.Event, interrupted: threading.Eve
         interrupted.set()
         raise KeyboardInterrupt
 
+    def time_limit(signum, frame):
+        if not leaving.is_set():
+            print(
+                "Slurm's signal: this task's time limit is near; the trial stops at its next "
+                "epoch, checkpointed, and this worker leaves for a fresh task",
+                file=sys.stderr,
+                flush=True,
+            )
+        leaving.set()
+
     terminated.clear()
     interrupted.clear()
+    previous_usr1 = None
+    if contract.in_slurm_task():
+        previous_usr1 = signal.signal(signal.SIGUSR1, time_limit)
     previous = signal.signal(signal.SIGTERM, stop)
     # a shell that starts a command in the background (`cmd &`) makes it ignore SIGINT, and
     # Python then never raises KeyboardInterrupt: `kill -INT` must stop a sweep cleanly anyway
@@ -94,6 +111,8 @@ def sigterm_as_interrupt(terminated: threading.Event, interrupted: threading.Eve
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+        if previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, previous_usr1)
 
 
 class SweepRun:
@@ -111,6 +130,7 @@ class SweepRun:
         self.study: optuna.Study | None = None
         self.terminated = threading.Event()
         self.interrupted = threading.Event()
+        self.leaving = threading.Event()
 
     def run(self, arguments: list[str]) -> Any:
         if self.checks.wants_status:
@@ -118,7 +138,7 @@ class SweepRun:
             return []
         plan = self.checks.plan(arguments)
         try:
-            with sigterm_as_interrupt(self.terminated, self.interrupted):
+            with sigterm_as_interrupt(self.terminated, self.interrupted, self.leaving):
                 return self.sweep(plan)
         finally:
             optuna_internals.close(self.study)
@@ -146,6 +166,13 @@ class SweepRun:
         # what was kept while the tracking server was away reaches it before anything ends
         self.deliver_kept(tracking, plan, started, ended=self.is_worker)
         if self.is_worker:
+            if ending.how == Ending.JOB_TIME_LIMIT:
+                print(
+                    "This worker leaves: its Slurm job's time limit is near; the trials go on "
+                    "in a fresh task",
+                    flush=True,
+                )
+                sys.exit(contract.LEFT_FOR_TIME_LIMIT)
             return []
         if plan.loop.timeout_s:
             self.budget_report(loop, ending, runs, plan.loop.timeout_s, time.time() - started)
@@ -243,6 +270,8 @@ class SweepRun:
             objectives=plan.objectives,
             settings=plan.loop,
             terminated=self.terminated,
+            leaving=self.leaving,
+            job_stop_at=contract.job_stop_at() if self.is_worker else None,
             progress=console.EpochProgress(plan.objectives.metric),
             search=plan.search,
         )

@@ -47,6 +47,7 @@ class Ending(enum.Enum):
     GRID_USED_UP = "every point of the grid was tried"
     OUT_OF_BUDGET = "the next trial would not finish within the time budget"
     WAITING_ON_OTHERS = "the last trials train on other machines, without heartbeats"
+    JOB_TIME_LIMIT = "this worker's Slurm job is near its time limit"
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,10 @@ class TrialLoop:
     settings: LoopSettings
     # set by the command's SIGTERM handler: an interruption from a scheduler, not from Ctrl-C
     terminated: threading.Event = field(default_factory=threading.Event)
+    # set by Slurm's signal before its job's time limit (USR1): the trial stops at its next
+    # epoch, checkpointed, to be continued elsewhere, and no other starts here
+    leaving: threading.Event = field(default_factory=threading.Event)
+    job_stop_at: float | None = None  # in a Slurm task: no trial starts that would end after it
     progress: console.EpochProgress | None = None
     deadline: float | None = None  # time.time() after which no trial runs (the time budget)
     durations: list[float] = field(default_factory=list)
@@ -163,6 +168,11 @@ class TrialLoop:
                 return LoopEnd(Ending.GRID_USED_UP)
             if self.deadline is not None and time.time() + expected_seconds(trials) > self.deadline:
                 return LoopEnd(Ending.OUT_OF_BUDGET)
+            if self.leaving.is_set() or (
+                self.job_stop_at is not None
+                and time.time() + expected_seconds(trials) > self.job_stop_at
+            ):
+                return LoopEnd(Ending.JOB_TIME_LIMIT)
             enqueued = resume.enqueue_continuations(self.study, census.failed)
             enqueued += retry.enqueue_retries(self.study, census.failed)
             for note in enqueued:
@@ -315,7 +325,9 @@ class TrialLoop:
         )
         env |= resume.prepare(self.study, self.runs.client, trial, run_id)
         # what a job in this process reports goes through this reporter (see trial.launch)
-        reporter = job_side.TrialReporter(self.study, trial_id, self.progress, trial)
+        reporter = job_side.TrialReporter(
+            self.study, trial_id, self.progress, trial, leaving=self.leaving
+        )
         in_process = self.jobs.in_process
         ret = None
         try:
@@ -379,6 +391,14 @@ class TrialLoop:
 
     def judge(self, trial: optuna.Trial, ret: Any, decided: job_side.Decisions) -> Outcome:
         tags: dict[str, Any] = {}
+        if decided.stopped_at is not None and self.leaving.is_set():
+            return Outcome(  # continued from its checkpoint, as a trial whose worker died
+                TrialState.FAIL,
+                kind="interrupted",
+                reason=f"stopped at epoch {decided.stopped_at}: its Slurm job's time limit is "
+                f"near (USR1)",
+                tags={keys.STOPPED_BY: "job_time_limit"},
+            )
         if decided.stopped_at is not None:
             return Outcome(
                 TrialState.FAIL,

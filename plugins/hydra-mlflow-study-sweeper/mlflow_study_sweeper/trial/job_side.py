@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -63,8 +64,11 @@ class TrialReporter:
         trial_id: int,
         progress: Progress | None = None,
         trial: optuna.Trial | None = None,
+        leaving: threading.Event | None = None,
     ) -> None:
         self.study = study
+        # set when this worker's Slurm job nears its time limit: stop at this epoch
+        self.leaving = leaving
         self.trial_id = trial_id
         self.trial = trial or optuna_internals.live_trial(study, trial_id)
         self.progress = progress
@@ -123,10 +127,15 @@ class TrialReporter:
                 warnings.simplefilter("ignore", UserWarning)
                 self.trial.report(value, step)
         deadline = os.environ.get(contract.DEADLINE)
-        if deadline:  # the budget judges the next trial's length from this trial's epochs
+        stop_at = os.environ.get(contract.JOB_STOP_AT)
+        if deadline or stop_at:
+            # the budget (or a Slurm job's end) judges the next trial's length from its epochs
             self.clock(total)
-        if deadline and time.time() >= float(deadline):
-            # the time budget is spent: stop at this epoch boundary, recorded as such
+        if self.leaving is not None and stop_at and time.time() >= float(stop_at):
+            self.leaving.set()  # Slurm's signal came late, or before the worker could hear it
+        leaving = self.leaving is not None and self.leaving.is_set()
+        if leaving or (deadline and time.time() >= float(deadline)):
+            # the time budget is spent, or the job's time: stop at this epoch, recorded as such
             self._set(keys.STOPPED_AT, step)
             self.stopped_at = step
             return True
