@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,35 @@ def test_a_task_reaching_its_time_limit_leaves_in_time_and_a_fresh_one_goes_on(s
 
 
 @pytest.mark.slow
+def test_a_detached_sweep_exits_at_once_and_its_last_task_ends_it_once(slurm, shared_toy):
+    toy = shared_toy
+    sweep = (SLURM, "hydra.sweeper.slurm.detach=true", "hydra.sweeper.n_jobs=2")
+    sweep += ("hydra.sweeper.n_trials=4", "hydra.sweeper.pruner=null", "epochs=6")
+    sweep += ("epoch_seconds=0.5",)
+    proc = toy.run(*sweep, env=slurm.env)
+    ok(proc)
+    assert toy.study().get_trials() == []  # it left before any task trained
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("Detached: ")]
+    job = re.match(r"Detached: Slurm job (\d+) trains", line).group(1)
+    assert "hydra.sweeper.status=true`" in line and f"scancel {job}" in line, line
+    assert sorted(slurm.jobs()) == [f"{job}_0", f"{job}_1"]
+    # the same command with status=true, while the tasks train: who trains what
+    seen, deadline = "", time.monotonic() + 300
+    while slurm.jobs():
+        assert time.monotonic() < deadline, seen
+        status = toy.run(*sweep, "hydra.sweeper.status=true", env=slurm.env)
+        ok(status)
+        if f"(Slurm job {job}_" in status.stdout:
+            seen = status.stdout
+        time.sleep(0.5)
+    assert seen.splitlines()[1] == "Running:", seen
+    check_invariant(toy, n_trials=4)
+    outs = [p.read_text() for p in (toy.sweep_dir / "slurm").glob(f"{job}_*.out")]
+    assert sum(out.count("model: toy-model version 1 ") for out in outs) == 1  # the end, once
+    assert "model: toy-model" not in proc.stdout
+
+
+@pytest.mark.slow
 def test_sigterm_on_the_watching_command_cancels_its_tasks_and_a_rerun_resumes(
     slurm, shared_toy, tmp_path
 ):
@@ -423,6 +453,19 @@ def test_the_script_holds_the_settings_and_no_password(tmp_path):
         "export SWEEP_JOB_STOP_AT=$(( end - 300 ))",
     ):  # fmt: skip
         assert line in script, line
+    assert 'sbatch --array="$SLURM' not in script  # the watching command replaces a task that left
+    detached = SlurmWorkers(
+        3, 2, 0.5, replace(settings, detach=True), tmp_path / "d", Path("/work"), "big",
+        lambda *a: (False, False),
+    )  # fmt: skip
+    sys.argv[:] = argv
+    try:
+        detached.write_script()
+    finally:
+        sys.argv[:] = saved
+    script = detached.script.read_text()
+    assert "SWEEP_WORKER" not in script  # peers: the last to finish ends the sweep
+    assert f'sbatch --array="$SLURM_ARRAY_TASK_ID" {tmp_path}/d/workers.sbatch' in script
     assert "secret" not in script and list(secrets.values()) == ["postgresql://u:secret@db/optuna"]
 
 

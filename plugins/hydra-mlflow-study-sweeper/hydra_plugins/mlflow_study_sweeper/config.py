@@ -81,6 +81,9 @@ class SlurmConf:
     # --requeue): its workers stop their trials at the next epoch, checkpointed, and leave for a
     # fresh task. Longer than an epoch and its checkpoint; Slurm may signal up to 60 s early
     signal_lead: int = 300
+    # true: this command submits the tasks and exits (it prints how to watch the sweep); the
+    # tasks' workers train as peers, and the last to finish does the end, once
+    detach: bool = False
     # further sbatch options, without their dashes: {constraint: a100, mem: 16G, exclusive: ""}
     options: dict[str, Any] = field(default_factory=dict)
     # shell lines each task runs before its workers: [module load cuda, source venv/bin/activate]

@@ -63,6 +63,7 @@ class SlurmSettings:
     options: dict[str, str] = field(default_factory=dict)  # further sbatch options
     setup: tuple[str, ...] = ()  # lines run before the workers (module load, a venv)
     signal_lead: int = 300  # seconds before the time limit at which the workers are told
+    detach: bool = False  # the command exits after submitting; the tasks' workers end the sweep
 
 
 TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
@@ -333,7 +334,13 @@ class SlurmWorkers:
             *directives(self.settings, self.layout, self.name, self.folder),
             *self.settings.setup,
             f"cd {shlex.quote(str(self.start_dir))}",
-            f"export {contract.WORKER}=1 OMP_NUM_THREADS={lay.threads}",
+            # detached, the workers are peers: each runs the sweep as its own command, and the
+            # last to finish does the end (the end's claim makes it once)
+            (
+                f"export OMP_NUM_THREADS={lay.threads}"
+                if self.settings.detach
+                else f"export {contract.WORKER}=1 OMP_NUM_THREADS={lay.threads}"
+            ),
             f'export {contract.SLURM_TASK}="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"',
             f'task="${contract.SLURM_TASK}"',
             f'rm -f {shlex.quote(str(self.folder))}/"$task".exit  # a requeued run\'s earlier one',
@@ -365,6 +372,12 @@ class SlurmWorkers:
             "done",
             f'echo "${{codes[*]}}" > {shlex.quote(str(self.folder))}/"$task".exit',
         ]
+        if self.settings.detach:  # no command watches: a task that left submits its successor
+            lines += [
+                f'if [[ " ${{codes[*]}} " == *" {contract.LEFT_FOR_TIME_LIMIT} "* ]]; then',
+                f'  sbatch --array="$SLURM_ARRAY_TASK_ID" {shlex.quote(str(self.script))}',
+                "fi",
+            ]
         self.folder.mkdir(parents=True, exist_ok=True)
         self.script.write_text("\n".join(lines) + "\n")
         return secrets
@@ -390,7 +403,7 @@ class SlurmWorkers:
             self.exit_file(Task(job, index)).unlink(missing_ok=True)
         return job
 
-    def start(self) -> None:
+    def start(self) -> str:
         self.secrets = self.write_script()
         job = self.submit(f"0-{self.layout.tasks - 1}")
         self.tasks = [Task(job, i) for i in range(self.layout.tasks)]
@@ -399,6 +412,12 @@ class SlurmWorkers:
             f"each as job {job} ({self.script}; output in {self.folder}/{job}_<task>.out)",
             flush=True,
         )
+        return job
+
+    def running(self) -> list[str]:
+        """This sweep's tasks already in the queue (a detached sweep still training)."""
+        out = run("squeue", "-h", "-r", "--me", f"--name={self.name}", "-o", "%i")
+        return out.stdout.split() if out.returncode == 0 else []
 
     def queue(self) -> dict[str, tuple[str, str]] | None:
         """This user's tasks in the queue: JOB_INDEX -> (state, node); None: no answer."""

@@ -561,7 +561,12 @@ def close(study: optuna.Study | None) -> None:
     """Release the study's database connections (a PostgreSQL one left open warns when freed)."""
     if study is None:
         return
-    rdb = backend(study)
+    close_storage(backend(study))
+
+
+def close_storage(storage: BaseStorage) -> None:
+    """close() for a storage no study was opened on (the study was not there)."""
+    rdb = getattr(storage, "_backend", storage)
     if isinstance(rdb, RDBStorage):
         rdb.remove_session()
         rdb.engine.dispose()

@@ -281,11 +281,14 @@ class Checks:
                 f"hydra.sweeper.slurm.signal_lead={lead!r}: the seconds before the time limit at "
                 f"which the workers stop, a whole number from 1 to 65535 (Slurm's limit)"
             )
+        if not isinstance(conf.detach, bool):
+            raise SweepConfigError(f"hydra.sweeper.slurm.detach={conf.detach!r}: true or false")
         settings = slurm.SlurmSettings(
             **named,
             options=options,
             setup=tuple(str(line) for line in conf.setup or []),
             signal_lead=lead,
+            detach=conf.detach,
         )
         slurm.check_time_limit(settings)
         return settings

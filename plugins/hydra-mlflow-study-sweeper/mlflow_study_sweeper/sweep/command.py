@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -162,17 +163,22 @@ class SweepRun:
             self.deliver_kept(tracking, plan, started, ended=True)
             return result
         self.print_plan(plan, study)
+        slurm = plan.workers.slurm
+        if slurm is not None and slurm.detach and not self.is_worker:
+            self.detach(loop, plan)
+            self.deliver_kept(tracking, plan, started, ended=False)
+            return []
         ending = self.train(loop, runs, plan)
         # what was kept while the tracking server was away reaches it before anything ends
         self.deliver_kept(tracking, plan, started, ended=self.is_worker)
+        if ending.how == Ending.JOB_TIME_LIMIT:  # a worker (or a detached task's peer)
+            print(
+                "This worker leaves: its Slurm job's time limit is near; the trials go on "
+                "in a fresh task",
+                flush=True,
+            )
+            sys.exit(contract.LEFT_FOR_TIME_LIMIT)
         if self.is_worker:
-            if ending.how == Ending.JOB_TIME_LIMIT:
-                print(
-                    "This worker leaves: its Slurm job's time limit is near; the trials go on "
-                    "in a fresh task",
-                    flush=True,
-                )
-                sys.exit(contract.LEFT_FOR_TIME_LIMIT)
             return []
         if plan.loop.timeout_s:
             self.budget_report(loop, ending, runs, plan.loop.timeout_s, time.time() - started)
@@ -271,7 +277,7 @@ class SweepRun:
             settings=plan.loop,
             terminated=self.terminated,
             leaving=self.leaving,
-            job_stop_at=contract.job_stop_at() if self.is_worker else None,
+            job_stop_at=contract.job_stop_at(),  # in a Slurm task only
             progress=console.EpochProgress(plan.objectives.metric),
             search=plan.search,
         )
@@ -311,6 +317,26 @@ class SweepRun:
             if not self.is_worker:
                 runs.close_parent("FAILED", {keys.SWEEP_STATE: "failed"})
             raise
+
+    def detach(self, loop: TrialLoop, plan: Plan) -> None:
+        """slurm.detach: the tasks submitted (unless this sweep's are still in the queue), one
+        line on how to watch, and this command is done; the tasks' peers end the sweep."""
+        workers = self.workers(loop, plan)
+        assert isinstance(workers, SlurmWorkers)
+        queued = workers.running()
+        if queued:  # a rerun while the tasks train: nothing more to submit
+            job = queued[0].split("_")[0]
+            print(f"This sweep's Slurm tasks are still in the queue ({' '.join(queued)}).")
+        else:
+            job = workers.start()
+        argv = [mask_url(arg) for arg in sys.argv]  # a password typed on it is not repeated
+        watch = shlex.join(["python", *argv, "hydra.sweeper.status=true"])
+        print(
+            f"Detached: Slurm job {job} trains the sweep and its last task to finish does the "
+            f"end. Watch it with `{watch}`; stop it with `scancel {job}` (rerun this command "
+            f"to resume)",
+            flush=True,
+        )
 
     def stop_interrupted(
         self, workers: Any, loop: TrialLoop, runs: SweepRuns, plan: Plan, what: str

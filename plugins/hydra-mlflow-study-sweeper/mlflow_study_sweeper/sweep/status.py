@@ -16,7 +16,7 @@ from mlflow_study_sweeper import console, keys
 from mlflow_study_sweeper.databases import sqlite_path
 from mlflow_study_sweeper.errors import SweepConfigError, duration, mask_url
 from mlflow_study_sweeper.search.objectives import Objectives
-from mlflow_study_sweeper.storage import liveness
+from mlflow_study_sweeper.storage import liveness, optuna_internals
 from mlflow_study_sweeper.storage.studies import make_storage, optuna_quietly
 
 
@@ -45,10 +45,12 @@ def load(plan: StatusPlan) -> optuna.Study:
         path = Path(plan.url.removeprefix("journal:///").removeprefix("file://"))
     if path is not None and not path.exists():
         raise SweepConfigError(f"no sweep yet: {path} does not exist; {again}")
+    storage = make_storage(plan.url)
     try:
         with optuna_quietly():
-            return optuna.load_study(study_name=plan.name, storage=make_storage(plan.url))
+            return optuna.load_study(study_name=plan.name, storage=storage)
     except KeyError:
+        optuna_internals.close_storage(storage)  # a server's connection is not left open
         raise SweepConfigError(
             f"no study {plan.name!r} in {mask_url(plan.url)} (hydra.sweeper.study_name); {again}"
         ) from None
@@ -57,7 +59,11 @@ def load(plan: StatusPlan) -> optuna.Study:
 def report(plan: StatusPlan, now: float | None = None) -> str:
     """The lines a person reads: the counts, who trains what, the best so far, the time left."""
     study = load(plan)
-    trials = study.get_trials(deepcopy=False)
+    try:
+        trials = study.get_trials(deepcopy=False)
+        best = plan.objectives.best(study)
+    finally:
+        optuna_internals.close(study)  # a server's connection is not left open
     now = time.time() if now is None else now
     done = console.counts(trials)
     finished = done["complete"] + done["pruned"]
@@ -74,7 +80,6 @@ def report(plan: StatusPlan, now: float | None = None) -> str:
     if running:
         lines.append("Running:")
         lines += [f"  {running_line(t, plan.objectives, now)}" for t in running]
-    best = plan.objectives.best(study)
     if best is not None:
         params = " ".join(f"{k}={console.short(v)}" for k, v in best.params.items())
         lines.append(
