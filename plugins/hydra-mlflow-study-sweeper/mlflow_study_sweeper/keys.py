@@ -40,6 +40,8 @@ RETRIED = "mlflow_optuna.retried.{number}"  # system: this trial's next attempt 
 CONTINUED = "mlflow_optuna.continued.{number}"  # system: this trial's continuation is enqueued
 END_CLAIM = "mlflow_optuna.end.{finished}"  # system: the end at this many finished trials
 END_CLAIM_PREFIX = END_CLAIM.split("{", 1)[0]
+# system: hydra.sweeper.cancel=true asked the sweep to stop ({host, pid, at}; null: resumed)
+CANCEL = "mlflow_optuna.cancel"
 
 # ---- MLflow tags --------------------------------------------------------------------------------
 ROLE = "sweep.role"

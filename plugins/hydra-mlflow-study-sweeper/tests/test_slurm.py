@@ -292,6 +292,7 @@ def test_a_detached_sweep_exits_at_once_and_its_last_task_ends_it_once(slurm, sh
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("Detached: ")]
     job = re.match(r"Detached: Slurm job (\d+) trains", line).group(1)
     assert "hydra.sweeper.status=true`" in line and f"scancel {job}" in line, line
+    assert "hydra.sweeper.cancel=true` (the end runs with the trials so far)" in line, line
     assert sorted(slurm.jobs()) == [f"{job}_0", f"{job}_1"]
     # the same command with status=true, while the tasks train: who trains what
     seen, deadline = "", time.monotonic() + 300
@@ -307,6 +308,55 @@ def test_a_detached_sweep_exits_at_once_and_its_last_task_ends_it_once(slurm, sh
     outs = [p.read_text() for p in (toy.sweep_dir / "slurm").glob(f"{job}_*.out")]
     assert sum(out.count("model: toy-model version 1 ") for out in outs) == 1  # the end, once
     assert "model: toy-model" not in proc.stdout
+
+
+def completed(toy) -> list:
+    try:
+        return [t for t in toy.study().get_trials() if t.state == TrialState.COMPLETE]
+    except KeyError:  # no study yet
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("detach", [True, False])
+def test_a_cancelled_sweep_stops_its_tasks_ends_once_and_its_rerun_resumes(
+    slurm, shared_toy, detach
+):
+    toy = shared_toy
+    sweep = (SLURM, f"hydra.sweeper.slurm.detach={str(detach).lower()}", "hydra.sweeper.n_jobs=2")
+    sweep += ("hydra.sweeper.n_trials=8", "hydra.sweeper.pruner=null", "checkpoint=true")
+    sweep += ("epochs=6", "epoch_seconds=0.5")
+    proc = toy.popen(*sweep, env=slurm.env)
+    try:
+        if detach:
+            assert proc.wait(timeout=120) == 0, proc.stdout.read()
+        deadline = time.monotonic() + 180
+        while not completed(toy):
+            assert time.monotonic() < deadline and proc.poll() in (None, 0)
+            time.sleep(0.5)
+        ok(toy.run(*sweep, "hydra.sweeper.cancel=true", env=slurm.env))
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in out, out[-4000:]
+    deadline = time.monotonic() + 120
+    while slurm.jobs():  # the tasks' workers stop at their next epoch and leave
+        assert time.monotonic() < deadline, slurm.jobs()
+        time.sleep(0.5)
+    trials = toy.study().get_trials()
+    assert [t.number for t in trials if t.state == TrialState.RUNNING] == []
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) < 8
+    assert [t for t in trials if "the sweep was cancelled" in keys.fail_reason(t)]
+    (parent,) = toy.runs()[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep.state"] == "cancelled"
+    assert len(toy.client().search_model_versions("name='toy-model'")) == 1  # the end, once
+    outs = [p.read_text() for p in (toy.sweep_dir / "slurm").glob("*.out")]
+    ends = sum(text.count("model: toy-model version 1 ") for text in [out, *outs])
+    assert ends == 1, [out, *outs]
+    ok(toy.spawn(*[a for a in sweep if "detach" not in a], env=slurm.env))  # resumed, watched
+    check_invariant(toy, n_trials=8, ends=2)
 
 
 @pytest.mark.slow

@@ -163,6 +163,10 @@ class MlflowStudySweeperConf:
     # true: print where the sweep of this command stands (its trials by state, who trains what,
     # the best so far, the time left), read from its study, and exit; nothing is created
     status: bool = False
+    # true: ask the running sweep of this command to stop early and exit: its workers stop their
+    # trials at the next epoch, checkpointed, start no other, and the sweep ends once with the
+    # trials it has; the same command without it resumes the sweep
+    cancel: bool = False
     # MLflow: where runs go (null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db) and the
     # experiment (null: the Hydra job's name)
     tracking_uri: Any = None

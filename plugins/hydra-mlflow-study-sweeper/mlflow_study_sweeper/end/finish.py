@@ -24,6 +24,7 @@ from mlflow_study_sweeper.errors import mask_url
 from mlflow_study_sweeper.faults import crash_point
 from mlflow_study_sweeper.search.grammar import as_override
 from mlflow_study_sweeper.search.objectives import KNEE, Objectives
+from mlflow_study_sweeper.storage import optuna_internals
 from mlflow_study_sweeper.tracking import lifecycle
 from mlflow_study_sweeper.tracking.lifecycle import SweepRuns
 from mlflow_study_sweeper.tracking.store import TrackingStore
@@ -133,8 +134,9 @@ class SweepEnd:
                 runs.client.log_artifacts(runs.parent_run_id, tmp, "report")
         crash_point("end-reported")
         done = console.counts(study.get_trials(deepcopy=False))
+        cancelled = optuna_internals.study_system_attrs(study).get(keys.CANCEL)
         tags = {
-            keys.SWEEP_STATE: "finished",
+            keys.SWEEP_STATE: "cancelled" if cancelled else "finished",
             **{
                 keys.TRIAL_COUNT.format(state=s): done[s]
                 for s in ("complete", "pruned", "failed", "retried")

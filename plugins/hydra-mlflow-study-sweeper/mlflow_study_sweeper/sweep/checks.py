@@ -94,9 +94,19 @@ class Checks:
     def wants_status(self) -> bool:
         return bool(self.s.status)
 
+    @property
+    def wants_cancel(self) -> bool:
+        if self.s.cancel and self.s.status:
+            raise SweepConfigError(
+                "hydra.sweeper.cancel=true and hydra.sweeper.status=true: set one of the two "
+                "(cancel, then status to watch the sweep end)"
+            )
+        return bool(self.s.cancel)
+
     def status_plan(self) -> StatusPlan:
-        """What hydra.sweeper.status=true reads: the study's place and name, checked, and what
-        it optimises; the search space, the app and the tracking store are not needed."""
+        """What hydra.sweeper.status=true (and cancel=true) reads: the study's place and name,
+        checked, and what it optimises; the search space, the app and the tracking store are not
+        needed."""
         s = self.s
         self.check_numbers()
         storage = store.absolute_uri(str(s.storage), self.start_dir) if s.storage else None

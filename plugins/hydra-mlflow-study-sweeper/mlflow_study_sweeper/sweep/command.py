@@ -30,7 +30,7 @@ from mlflow_study_sweeper.search.grammar import check_space_unchanged
 from mlflow_study_sweeper.storage import liveness, optuna_internals
 from mlflow_study_sweeper.storage.outages import StorageUnreachable
 from mlflow_study_sweeper.storage.studies import open_or_explain
-from mlflow_study_sweeper.sweep import status
+from mlflow_study_sweeper.sweep import cancel, status
 from mlflow_study_sweeper.sweep.checks import Checks, Plan
 from mlflow_study_sweeper.sweep.loop import Ending, LoopEnd, TrialLoop
 from mlflow_study_sweeper.sweep.warm import seed_study
@@ -134,6 +134,9 @@ class SweepRun:
         self.leaving = threading.Event()
 
     def run(self, arguments: list[str]) -> Any:
+        if self.checks.wants_cancel:
+            print(cancel.ask(self.checks.status_plan()), flush=True)
+            return []
         if self.checks.wants_status:
             print(status.report(self.checks.status_plan()), flush=True)
             return []
@@ -151,6 +154,9 @@ class SweepRun:
         end = SweepEnd(plan.end, tracking)
         loop = self.trial_loop(study, runs, plan)
         started = time.time()
+        # the sweep's own command resumes a cancelled sweep (not a worker, nor a detached task)
+        if not self.is_worker and not contract.in_slurm_task() and cancel.withdraw(study):
+            print("This sweep was cancelled (hydra.sweeper.cancel=true): it resumes.", flush=True)
         loop.recover()
         runs.settle(study.get_trials(deepcopy=False))  # runs a killed sweep left open or wrong
         tracking.until_reachable(
@@ -168,7 +174,8 @@ class SweepRun:
             self.detach(loop, plan)
             self.deliver_kept(tracking, plan, started, ended=False)
             return []
-        ending = self.train(loop, runs, plan)
+        with loop.cancel:  # a cancel is heard from here on, by every worker
+            ending = self.train(loop, runs, plan)
         # what was kept while the tracking server was away reaches it before anything ends
         self.deliver_kept(tracking, plan, started, ended=self.is_worker)
         if ending.how == Ending.JOB_TIME_LIMIT:  # a worker (or a detached task's peer)
@@ -184,6 +191,14 @@ class SweepRun:
             self.budget_report(loop, ending, runs, plan.loop.timeout_s, time.time() - started)
         if ending.how == Ending.GRID_USED_UP:
             print("The grid is used up: every one of its points has been tried.")
+        if ending.how == Ending.CANCELLED:
+            finished = console.finished(study.get_trials(deepcopy=False))
+            print(
+                f"The sweep was cancelled (hydra.sweeper.cancel=true) with {finished}/"
+                f"{plan.loop.n_trials} finished trials; the end follows. Rerun this command "
+                f"without it to resume the sweep.",
+                flush=True,
+            )
         runs.settle(study.get_trials(deepcopy=False))  # runs left unsettled while it was away
         if ending.how == Ending.WAITING_ON_OTHERS:
             print(
@@ -280,6 +295,7 @@ class SweepRun:
             job_stop_at=contract.job_stop_at(),  # in a Slurm task only
             progress=console.EpochProgress(plan.objectives.metric),
             search=plan.search,
+            cancel=cancel.Watch(study, threading.Event()),
         )
         if plan.loop.timeout_s:
             # time is kept for the end (publishing, the report); workers share the first deadline
@@ -331,10 +347,11 @@ class SweepRun:
             job = workers.start()
         argv = [mask_url(arg) for arg in sys.argv]  # a password typed on it is not repeated
         watch = shlex.join(["python", *argv, "hydra.sweeper.status=true"])
+        stop = shlex.join(["python", *argv, "hydra.sweeper.cancel=true"])
         print(
             f"Detached: Slurm job {job} trains the sweep and its last task to finish does the "
-            f"end. Watch it with `{watch}`; stop it with `scancel {job}` (rerun this command "
-            f"to resume)",
+            f"end. Watch it with `{watch}`; stop it with `{stop}` (the end runs with the "
+            f"trials so far), or at once with `scancel {job}`; rerun this command to resume",
             flush=True,
         )
 

@@ -28,6 +28,7 @@ from mlflow_study_sweeper.search.space_function import SearchFunction, SearchFun
 from mlflow_study_sweeper.storage import liveness, optuna_internals
 from mlflow_study_sweeper.storage.outages import StorageUnreachable
 from mlflow_study_sweeper.storage.studies import fail_trial, optuna_quietly
+from mlflow_study_sweeper.sweep import cancel as cancelling
 from mlflow_study_sweeper.sweep.budget import (
     TrialTimeout,
     expected_seconds,
@@ -48,6 +49,7 @@ class Ending(enum.Enum):
     OUT_OF_BUDGET = "the next trial would not finish within the time budget"
     WAITING_ON_OTHERS = "the last trials train on other machines, without heartbeats"
     JOB_TIME_LIMIT = "this worker's Slurm job is near its time limit"
+    CANCELLED = "the sweep was cancelled (hydra.sweeper.cancel=true)"
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,9 @@ class TrialLoop:
     # epoch, checkpointed, to be continued elsewhere, and no other starts here
     leaving: threading.Event = field(default_factory=threading.Event)
     job_stop_at: float | None = None  # in a Slurm task: no trial starts that would end after it
+    # hydra.sweeper.cancel=true, read from the study in a thread of its own (sweep.cancel): its
+    # event stops the trial at its next epoch, and no other starts
+    cancel: cancelling.Watch | None = None
     progress: console.EpochProgress | None = None
     deadline: float | None = None  # time.time() after which no trial runs (the time budget)
     durations: list[float] = field(default_factory=list)
@@ -163,6 +168,14 @@ class TrialLoop:
             self.check_failure_budget(census)
             if finished >= self.settings.n_trials:
                 return LoopEnd(Ending.FINISHED)
+            if self.cancelled():
+                if census.running or not self.cancel_settled():
+                    unwatched = self.running_unwatched(trials)
+                    if unwatched:  # trials whose end this command could not see
+                        return LoopEnd(Ending.WAITING_ON_OTHERS, tuple(unwatched))
+                    time.sleep(1)  # other workers' trials stop at their next epoch
+                    continue
+                return LoopEnd(Ending.CANCELLED)
             sampler = self.study.sampler
             if isinstance(sampler, ExhaustibleGridSampler) and sampler.exhausted(self.study):
                 return LoopEnd(Ending.GRID_USED_UP)
@@ -208,17 +221,28 @@ class TrialLoop:
             self.check_failure_budget(census)
             if census.finished >= self.settings.n_trials:
                 return LoopEnd(Ending.FINISHED)
+            stopping = self.cancel_settled() or not workers.alive()
+            if self.cancelled() and not census.running and stopping:
+                return LoopEnd(Ending.CANCELLED)
             sampler = self.study.sampler
             if isinstance(sampler, ExhaustibleGridSampler) and sampler.exhausted(self.study):
                 return LoopEnd(Ending.GRID_USED_UP)
             if not workers.alive():
                 if self.deadline is not None and time.time() + 1 >= self.deadline:
                     return LoopEnd(Ending.OUT_OF_BUDGET)
+                if self.cancelled():  # their trials stopped; any left RUNNING are recovered
+                    return LoopEnd(Ending.CANCELLED)
                 raise SweepStopped(
                     "every worker stopped before the study had n_trials finished trials (their "
                     "lines above say why); rerun the command to resume"
                 )
             time.sleep(poll_s)
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.cancelled.is_set()
+
+    def cancel_settled(self) -> bool:
+        return self.cancel is not None and self.cancel.settled()
 
     def abandon(self, why: str) -> None:
         """The sweep stops with a trial in flight whose end the storage could not record: its
@@ -326,7 +350,12 @@ class TrialLoop:
         env |= resume.prepare(self.study, self.runs.client, trial, run_id)
         # what a job in this process reports goes through this reporter (see trial.launch)
         reporter = job_side.TrialReporter(
-            self.study, trial_id, self.progress, trial, leaving=self.leaving
+            self.study,
+            trial_id,
+            self.progress,
+            trial,
+            leaving=self.leaving,
+            cancelled=self.cancel.cancelled if self.cancel is not None else None,
         )
         in_process = self.jobs.in_process
         ret = None
@@ -398,6 +427,14 @@ class TrialLoop:
                 reason=f"stopped at epoch {decided.stopped_at}: its Slurm job's time limit is "
                 f"near (USR1)",
                 tags={keys.STOPPED_BY: "job_time_limit"},
+            )
+        if decided.stopped_at is not None and self.cancelled():
+            return Outcome(  # continued from its checkpoint when the sweep is resumed
+                TrialState.FAIL,
+                kind="interrupted",
+                reason=f"stopped at epoch {decided.stopped_at}: the sweep was cancelled "
+                f"(hydra.sweeper.cancel=true)",
+                tags={keys.STOPPED_BY: "cancel"},
             )
         if decided.stopped_at is not None:
             return Outcome(

@@ -62,6 +62,7 @@ def report(plan: StatusPlan, now: float | None = None) -> str:
     try:
         trials = study.get_trials(deepcopy=False)
         best = plan.objectives.best(study)
+        cancelled = optuna_internals.study_system_attrs(study).get(keys.CANCEL)
     finally:
         optuna_internals.close(study)  # a server's connection is not left open
     now = time.time() if now is None else now
@@ -76,6 +77,12 @@ def report(plan: StatusPlan, now: float | None = None) -> str:
         f"({done['complete']} complete, {done['pruned']} pruned), {failed}, "
         f"{done['running']} running{imported}"
     ]
+    if cancelled:
+        when = time.strftime("%H:%M:%S", time.localtime(float(cancelled["at"])))
+        lines.append(
+            f"Cancelled at {when} (hydra.sweeper.cancel=true): the running trials stop at their "
+            f"next epoch and the end follows; the sweep's command resumes it"
+        )
     running = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     if running:
         lines.append("Running:")

@@ -65,10 +65,13 @@ class TrialReporter:
         progress: Progress | None = None,
         trial: optuna.Trial | None = None,
         leaving: threading.Event | None = None,
+        cancelled: threading.Event | None = None,
     ) -> None:
         self.study = study
-        # set when this worker's Slurm job nears its time limit: stop at this epoch
+        # set when this worker's Slurm job nears its time limit, or when the sweep is cancelled
+        # (hydra.sweeper.cancel=true): stop at this epoch
         self.leaving = leaving
+        self.cancelled = cancelled
         self.trial_id = trial_id
         self.trial = trial or optuna_internals.live_trial(study, trial_id)
         self.progress = progress
@@ -134,6 +137,7 @@ class TrialReporter:
         if self.leaving is not None and stop_at and time.time() >= float(stop_at):
             self.leaving.set()  # Slurm's signal came late, or before the worker could hear it
         leaving = self.leaving is not None and self.leaving.is_set()
+        leaving = leaving or (self.cancelled is not None and self.cancelled.is_set())
         if leaving or (deadline and time.time() >= float(deadline)):
             # the time budget is spent, or the job's time: stop at this epoch, recorded as such
             self._set(keys.STOPPED_AT, step)
