@@ -161,18 +161,21 @@ class ToyApp:
         )
 
     # -- reading it back --
-    def opened_storage(self) -> optuna.storages.RDBStorage:
+    def opened_storage(self) -> optuna.storages.BaseStorage:
         """One storage (one connection pool) for all reads of this test; `close` releases it."""
-        if self._opened is None:
+        if self._opened is None and self.storage.endswith(".journal"):
+            backend = optuna.storages.journal.JournalFileBackend(self.storage)
+            self._opened = optuna.storages.JournalStorage(backend)
+        elif self._opened is None:
             self._opened = optuna.storages.RDBStorage(self.storage)
         return self._opened
 
     def close(self) -> None:
         """Close the pooled connections (a PostgreSQL one left open warns when collected)."""
-        if self._opened is not None:
+        if isinstance(self._opened, optuna.storages.RDBStorage):
             self._opened.remove_session()
             self._opened.engine.dispose()
-            self._opened = None
+        self._opened = None
 
     def study(self, name: str = "toy") -> optuna.Study:
         return optuna.load_study(study_name=name, storage=self.opened_storage())

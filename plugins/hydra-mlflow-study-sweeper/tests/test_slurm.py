@@ -33,6 +33,17 @@ def shared_toy(tmp_path, postgres, mlflow_server):
     toy.close()
 
 
+@pytest.fixture
+def journal_toy(tmp_path, mlflow_server):
+    """The toy sweep with a journal file as its study (a folder every node would mount) and an
+    MLflow server: a cluster without a database server."""
+    toy = toy_app(tmp_path / "sweep", storage=str(tmp_path / "shared" / "optuna.journal"))
+    (tmp_path / "shared").mkdir()
+    toy.tracking_uri = mlflow_server
+    yield toy
+    toy.close()
+
+
 def task_lines(toy) -> dict[str, str]:
     """Each task's first line in its output: JOB_INDEX -> the rest of it."""
     lines = {}
@@ -58,8 +69,9 @@ def test_workers_are_packed_into_tasks(n, cpu, gpu, expected):
 
 
 @pytest.mark.slow
-def test_four_workers_share_two_gpus_in_two_tasks_and_the_invariant_holds(slurm, shared_toy):
-    toy = shared_toy
+@pytest.mark.parametrize("study", ["postgresql", "journal"])
+def test_four_workers_share_two_gpus_in_two_tasks_and_the_invariant_holds(slurm, request, study):
+    toy = request.getfixturevalue("shared_toy" if study == "postgresql" else "journal_toy")
     started = time.monotonic()
     proc = toy.spawn(
         SLURM,
@@ -310,6 +322,54 @@ def test_a_detached_sweep_exits_at_once_and_its_last_task_ends_it_once(slurm, sh
     assert "model: toy-model" not in proc.stdout
 
 
+@pytest.mark.slow
+def test_a_detached_sweep_on_a_journal_file_fails_a_lost_tasks_trial_through_slurm(
+    slurm, journal_toy
+):
+    """No database server: the study is a journal file, without heartbeats. Each task looks
+    like a node of its own, so only Slurm's queue can tell its peer that it is gone."""
+    toy = journal_toy
+    sweep = (SLURM, "hydra.sweeper.slurm.detach=true", "hydra.sweeper.n_jobs=2")
+    sweep += ("hydra.sweeper.n_trials=4", "hydra.sweeper.pruner=null", "checkpoint=true")
+    sweep += ("epochs=8", "epoch_seconds=0.5")
+    sweep += ("hydra.sweeper.slurm.setup=['export SWEEP_HOST_ID=node-$SLURM_ARRAY_TASK_ID']",)
+    proc = toy.run(*sweep, env=slurm.env)
+    ok(proc)
+    job = re.search(r"Detached: Slurm job (\d+) ", proc.stdout).group(1)
+    lost, deadline = None, time.monotonic() + 180
+    while lost is None:  # the second task's trial, once it has a checkpoint
+        assert time.monotonic() < deadline, slurm.jobs()
+        time.sleep(0.3)
+        for trial in toy.study().get_trials():
+            label = trial.system_attrs.get(keys.WORKER) or {}
+            running = trial.state == TrialState.RUNNING and keys.checkpoint_step(trial) is not None
+            if running and label.get("slurm") == f"{job}_1":
+                lost = trial
+    # its shell and worker SIGKILLed at once, as when its node is lost: no exit status, no
+    # closing of the trial; the journal says nothing of it
+    worker = int(lost.system_attrs[keys.WORKER]["pid"])
+    shell = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    os.kill(shell, signal.SIGKILL)
+    os.kill(worker, signal.SIGKILL)
+    killed = time.time()
+    deadline = time.monotonic() + 240
+    while slurm.jobs():  # the first task's worker finishes the sweep
+        assert time.monotonic() < deadline, slurm.jobs()
+        time.sleep(0.5)
+    check_invariant(toy, n_trials=4)
+    trials = toy.study().get_trials()
+    first = trials[lost.number]
+    assert first.state == TrialState.FAIL
+    reason = first.user_attrs["fail_reason"]
+    assert reason == f"its worker's Slurm task {job}_1 is no longer running (squeue)", reason
+    assert first.datetime_complete.timestamp() - killed < 30
+    (continued,) = [t for t in trials if t.user_attrs.get("continues_trial") == lost.number]
+    assert continued.state == TrialState.COMPLETE
+    assert continued.system_attrs[keys.WORKER]["slurm"] == f"{job}_0"
+    outs = [p.read_text() for p in (toy.sweep_dir / "slurm").glob(f"{job}_*.out")]
+    assert sum(out.count("model: toy-model version 1 ") for out in outs) == 1  # the end, once
+
+
 def completed(toy) -> list:
     try:
         return [t for t in toy.study().get_trials() if t.state == TrialState.COMPLETE]
@@ -438,6 +498,7 @@ def test_a_store_on_this_machine_is_refused(slurm, postgres, tmp_path, store):
     line = refused(toy, slurm.env)
     if store == "storage":
         assert "hydra.sweeper.storage=sqlite:///" in line and "use postgresql://" in line
+        assert "or a journal file in a folder every node mounts" in line, line
     else:
         assert "hydra.sweeper.tracking_uri=sqlite:///" in line and "an mlflow server" in line
     assert slurm.jobs() == []

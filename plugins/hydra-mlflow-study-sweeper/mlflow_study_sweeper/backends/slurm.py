@@ -40,6 +40,9 @@ from mlflow_study_sweeper.errors import SweepConfigError, SweepError, mask_url
 DEFAULT_CONF = Path("/etc/slurm/slurm.conf")
 # an Optuna storage and a tracking store that every node reaches (not a file on this machine)
 SHARED_STORAGE = ("postgresql", "mysql")
+JOURNAL = (".journal", ".log")  # a journal file (Optuna's JournalFileBackend) in a shared folder
+# the states of a task whose processes run (or are ending); any other, or none, is a task gone
+TASK_ALIVE = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING")
 SHARED_TRACKING = ("http://", "https://", "postgresql", "mysql", "mssql", "databricks")
 OPTION = re.compile(r"[a-z][a-z0-9-]*")  # an sbatch long option's name, without its dashes
 QUEUE_POLL_S = 2.0  # squeue at most this often: the controller answers every user's queries
@@ -167,18 +170,34 @@ def check_tools() -> None:
 
 
 def check_stores(storage: str | None, tracking_uri: str) -> None:
-    """Stores that every node reaches: not a file on this machine, not memory."""
-    if not storage or not storage.startswith(SHARED_STORAGE):
+    """Stores that every node reaches: a database server or a journal file (in a folder every
+    node mounts: that is the user's to know); not SQLite (a shared filesystem corrupts it, optuna
+    #815), not memory."""
+    if not storage or not (storage.startswith(SHARED_STORAGE) or storage.endswith(JOURNAL)):
         raise SweepConfigError(
             f"hydra.sweeper.storage={mask_url(storage) if storage else None} is not reachable "
-            f"from Slurm's nodes (a file here, or memory): use postgresql://... (a database "
-            f"server every node reaches)"
+            f"from Slurm's nodes (a SQLite file, which a shared filesystem corrupts, or memory): "
+            f"use postgresql://... (a database server every node reaches) or a journal file in "
+            f"a folder every node mounts (/shared/sweeps/optuna.journal)"
         )
     if not tracking_uri.startswith(SHARED_TRACKING):
         raise SweepConfigError(
             f"hydra.sweeper.tracking_uri={mask_url(tracking_uri)} is not reachable from Slurm's "
             f"nodes: use http://host:5000 (an mlflow server) or postgresql://..."
         )
+
+
+def tasks_alive() -> set[str] | None:
+    """This user's Slurm tasks whose processes run, as JOB_INDEX (or JOB); None: no answer."""
+    out = run("squeue", "-h", "-r", "--me", "-o", "%i|%T")
+    if out.returncode != 0:
+        return None
+    alive = set()
+    for line in out.stdout.splitlines():
+        task, _, state = line.partition("|")
+        if state in TASK_ALIVE:
+            alive.add(task)
+    return alive
 
 
 def check_partition(settings: SlurmSettings, layout: Layout) -> None:

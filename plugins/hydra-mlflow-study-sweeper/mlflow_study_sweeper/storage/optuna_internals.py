@@ -12,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import fcntl
 import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 _MEMORY_LOCK = threading.Lock()
@@ -411,13 +410,15 @@ def study_lock(study: optuna.Study) -> Iterator[None]:
     """Mutual exclusion among a study's processes where the storage has no transactions."""
     journal = backend(study)
     if isinstance(journal, JournalStorage):
-        path = Path(journal._backend._file_path).with_suffix(".end-lock")
-        with open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        # Optuna's own lock for journals: an O_EXCL file, which NFSv3+ honours where fcntl's
+        # locks are broken on many NFS implementations (a journal on Slurm's shared folder);
+        # one a killed holder left is taken over after its grace period
+        lock = JournalFileOpenLock(f"{journal._backend._file_path}.end", grace_period=30)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
     else:  # in memory: one process
         with _MEMORY_LOCK:
             yield

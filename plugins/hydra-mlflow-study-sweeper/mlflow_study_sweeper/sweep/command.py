@@ -296,6 +296,8 @@ class SweepRun:
             progress=console.EpochProgress(plan.objectives.metric),
             search=plan.search,
             cancel=cancel.Watch(study, threading.Event()),
+            # a detached sweep's workers watch each other's tasks in Slurm's queue
+            slurm_peer=contract.in_slurm_task() and not self.is_worker,
         )
         if plan.loop.timeout_s:
             # time is kept for the end (publishing, the report); workers share the first deadline

@@ -20,6 +20,7 @@ from hydra.core.utils import JobStatus
 from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_study_sweeper import console, contract, keys
+from mlflow_study_sweeper.backends import slurm
 from mlflow_study_sweeper.errors import SweepStopped
 from mlflow_study_sweeper.faults import crash_point
 from mlflow_study_sweeper.search.objectives import Objectives, ReturnFormError
@@ -41,6 +42,7 @@ from mlflow_study_sweeper.trial.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+TASKS_READ_S = 10.0  # a detached Slurm sweep's worker asks Slurm's queue at most this often
 
 
 class Ending(enum.Enum):
@@ -135,6 +137,10 @@ class TrialLoop:
     # hydra.sweeper.cancel=true, read from the study in a thread of its own (sweep.cancel): its
     # event stops the trial at its next epoch, and no other starts
     cancel: cancelling.Watch | None = None
+    # a detached Slurm sweep's worker (a peer, in a task): a running trial whose Slurm task has
+    # left the queue is failed (and continued), whatever the storage's heartbeats say
+    slurm_peer: bool = False
+    tasks_read_at: float = float("-inf")
     progress: console.EpochProgress | None = None
     deadline: float | None = None  # time.time() after which no trial runs (the time budget)
     durations: list[float] = field(default_factory=list)
@@ -257,6 +263,7 @@ class TrialLoop:
         failed = liveness.fail_orphaned_trials(
             self.study, self.settings.grace_s, own_trials_are_dead=between_trials, trials=trials
         )
+        failed += self.fail_gone_tasks(trials)
         for number, reason in failed:
             log.warning("trial %d is marked FAIL: %s", number, reason)
         if failed:
@@ -266,16 +273,46 @@ class TrialLoop:
             )
         return bool(failed)
 
+    def fail_gone_tasks(self, trials: list[FrozenTrial] | None) -> list[tuple[int, str]]:
+        """A Slurm peer: the running trials of other tasks that Slurm's queue no longer runs
+        (scancelled, a lost node, a time limit), failed to be continued; at most every
+        TASKS_READ_S, and only when such trials run."""
+        if not self.slurm_peer or time.monotonic() - self.tasks_read_at < TASKS_READ_S:
+            return []
+        if trials is None:
+            trials = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        mine = liveness.worker_label().get("slurm")
+        tasks = {t.number: task_of(t) for t in trials if t.state == TrialState.RUNNING}
+        others = {n: task for n, task in tasks.items() if task and task != mine}
+        if not others:
+            return []
+        self.tasks_read_at = time.monotonic()
+        alive = slurm.tasks_alive()
+        if alive is None:  # the controller did not answer: asked again next time
+            return []
+        failed = []
+        by_number = {t.number: t for t in trials}
+        for number, task in others.items():
+            if task in alive:
+                continue
+            reason = f"its worker's Slurm task {task} is no longer running (squeue)"
+            trial_id = optuna_internals.trial_id(by_number[number])
+            if fail_trial(self.study, trial_id, "orphaned", reason):
+                failed.append((number, reason))
+        return failed
+
     def running_unwatched(self, trials: list[FrozenTrial]) -> list[str]:
-        """Running trials on other machines without heartbeats (a journal file storage)."""
+        """Running trials on other machines without heartbeats (a journal file storage), but
+        for a Slurm peer's, whose tasks Slurm's queue tells about."""
         if liveness.watched(self.study):
             return []
         me = liveness.machine_key()
         out = []
         for t in trials:
             host, pid = keys.worker(t)
-            if t.state == TrialState.RUNNING and host != me:
-                out.append(f"trial {t.number} (pid {pid} on {liveness.host_name(host)})")
+            if t.state != TrialState.RUNNING or host == me or (self.slurm_peer and task_of(t)):
+                continue
+            out.append(f"trial {t.number} (pid {pid} on {liveness.host_name(host)})")
         return out
 
     def check_failure_budget(self, census: Census) -> None:
@@ -525,3 +562,8 @@ class TrialLoop:
             frozen, finished, self.settings.n_trials, self.objectives, seconds, seconds_left
         )
         print(line, flush=True)
+
+
+def task_of(trial: FrozenTrial) -> str | None:
+    """The Slurm task (JOB_INDEX) of the worker that took `trial`, if it ran in one."""
+    return (trial.system_attrs.get(keys.WORKER) or {}).get("slurm")
