@@ -103,7 +103,9 @@ def run_chaos(
             # the same draws whatever happens, so that a seed replays the same faults
             kind = rng.choice(["kill", "kill", "tracking", "postgres"])
             pick, seconds = rng.random(), rng.uniform(*outage_s)
-            if time.monotonic() >= chaos_until:
+            if time.monotonic() >= chaos_until:  # past the window during the sleep above
+                if not missing:
+                    break
                 kind = missing[0]
             if kind == "kill":
                 workers = sorted(children(proc.pid))
