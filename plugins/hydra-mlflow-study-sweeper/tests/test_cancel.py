@@ -39,10 +39,18 @@ def test_a_cancelled_sweep_stops_at_the_next_epoch_ends_once_and_its_rerun_resum
     )
     try:
         deadline = time.monotonic() + 180
-        while not marker.exists():
+        while not (marker.exists() and marker.read_text()):  # it holds the pausing pid
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.2)
-        paused = [t for t in toy.study().get_trials() if t.state == TrialState.RUNNING]
+        # the trial the first process paused in (the other worker's trial may be running too,
+        # and may be the lower number when that worker started late)
+        pid = marker.read_text()
+        paused = [
+            t
+            for t in toy.study().get_trials()
+            if t.state == TrialState.RUNNING and keys.worker(t)[1] == pid
+        ]
+        assert len(paused) == 1, [(t.number, keys.worker(t)) for t in toy.study().get_trials()]
         asked = toy.run(*sweep, "hydra.sweeper.cancel=true")
         ok(asked)
         assert asked.stdout.startswith("Cancel asked of sweep toy ("), asked.stdout
