@@ -368,3 +368,39 @@ def test_yaml_tree_renders_what_to_yaml_renders_through_random_changes(path, mon
         mutate(doc)
         if not doc:
             doc["k0"] = 1
+
+
+def test_yaml_text_of_plain_strings_is_to_yamls_from_libyaml_too():
+    """A document whose strings are all plain goes to libyaml's emitter (where installed), and
+    its text is to_yaml's byte for byte: random strings of those characters, up to 120 long
+    (they wrap at spaces past 80), some made to look like numbers, bools, keys or list items."""
+    import random
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    rng = random.Random(3)
+    chars = "abcXYZ019 _./=,:+@-"
+    tricky = ["", "1.5", "-1", "1e3", "true", "No", "null", "- x", "a: b", ":", "@x", "-",
+              "x=1.5,y=-0.2", "/tmp/multirun/2026-12-05/17-32-33/12", " lead", "trail ",
+              "0x1f"]  # fmt: skip
+
+    def text() -> str:
+        if rng.random() < 0.3:
+            return rng.choice(tricky)
+        return "".join(rng.choice(chars) for _ in range(rng.randint(0, 120)))
+
+    used = []
+    real = yaml.dump
+    for _ in range(2000):
+        doc = {"hydra": {text() or "k": text(), "job": {"list": [text(), 1, 0.5, None, True]}}}
+        assert yaml_files.plain(doc)
+        used.clear()
+        yaml.dump = lambda *a, **k: used.append(k["Dumper"]) or real(*a, **k)
+        try:
+            assert yaml_files.yaml_text(doc) == OmegaConf.to_yaml(OmegaConf.create(doc))
+        finally:
+            yaml.dump = real
+        if yaml.__with_libyaml__:
+            assert issubclass(used[0], yaml.CDumper)
+    assert not yaml_files.plain({"k": "é"}) and not yaml_files.plain({"k": 'say "x"'})

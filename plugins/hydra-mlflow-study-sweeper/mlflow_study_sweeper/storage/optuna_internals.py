@@ -82,14 +82,9 @@ def ask_new(
         for name, distribution in space.items():
             trial._suggest(name, distribution)
         return trial
-    cls = type(storage)
-    storage.get_trial = lambda asked: (
-        created if asked == trial_id else cls.get_trial(storage, asked)
-    )
-    try:
+    with _answering(storage, created):  # only here: a sampler's before_trial may write to it
         trial = optuna.trial.Trial(study, trial_id)
-    finally:
-        del storage.get_trial  # a sampler's before_trial may have written to it since
+    cls = type(storage)
     held = _HELD_PARAMS.setdefault(trial_id, [])
     storage.set_trial_param = lambda asked, name, value, dist: (
         held.append((name, value, dist))
@@ -162,13 +157,31 @@ def tell(
     trial: optuna.Trial,
     values: Sequence[float] | None = None,
     state: TrialState | None = None,
+    read: FrozenTrial | None = None,
 ) -> TrialState:
     """study.tell, but for reading the trial back afterwards (tell's last act): the state told
-    (FAIL where the values were refused)."""
+    (FAIL where the values were refused). `read`: the trial as read from the storage since its
+    job ended (nothing writes to it between that read and this), which tell's first act, the
+    same read, is answered with."""
     from optuna.study._tell import _tell_with_warning
 
-    told, _, _ = _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
+    with _answering(study._storage, read) if read is not None else contextlib.nullcontext():
+        told, _, _ = _tell_with_warning(
+            study=study, trial=trial, value_or_values=values, state=state
+        )
     return told
+
+
+@contextlib.contextmanager
+def _answering(storage: BaseStorage, trial: FrozenTrial) -> Iterator[None]:
+    """The storage's get_trial of this trial answered with `trial` (what it holds now) instead
+    of a read; any other trial's read as before."""
+    trial_id, cls = trial._trial_id, type(storage)
+    storage.get_trial = lambda asked: trial if asked == trial_id else cls.get_trial(storage, asked)
+    try:
+        yield
+    finally:
+        del storage.get_trial
 
 
 def _just_created(storage: BaseStorage, trial_id: int) -> FrozenTrial | None:

@@ -395,7 +395,7 @@ class TrialLoop:
             cancelled=self.cancel.cancelled if self.cancel is not None else None,
         )
         in_process = self.jobs.in_process
-        ret = None
+        ret, read = None, None
         try:
             # MLFLOW_RUN_ID in this process too, for any launcher (see contract.trial_run)
             with (
@@ -406,8 +406,11 @@ class TrialLoop:
                 ret = self.jobs.run(trial.number, trial.params, env, reporter)
             # a job in this process may report from processes it started (torchrun-style
             # ranks): what they decided is in the storage
-            here = in_process and reporter.reported
-            decided = reporter.decided() if here else self.decisions(trial_id)
+            if in_process and reporter.reported:
+                decided = reporter.decided()
+            else:
+                read = optuna_internals.frozen(self.study, trial_id)
+                decided = job_side.Decisions.of(read)
             outcome = self.judge(trial, ret, decided)
         except TrialTimeout as err:  # raised between the job's end and launch returning
             outcome = Outcome(TrialState.FAIL, kind="timeout", reason=str(err))
@@ -434,7 +437,7 @@ class TrialLoop:
             if self.progress is not None:
                 self.progress.clear()
         crash_point("after-job")
-        self.tell(trial, run_id, outcome)
+        self.tell(trial, run_id, outcome, read)
         self.in_flight = None
         if outcome.stop:
             raise SweepStopped(
@@ -450,10 +453,6 @@ class TrialLoop:
             return {}
         run = self.runs.run_id(self.study.get_trials(deepcopy=False)[earlier])
         return {keys.RETRY_OF_RUN: run or "", keys.ATTEMPT_TAG: str(retry.attempt(trial))}
-
-    def decisions(self, trial_id: int) -> job_side.Decisions:
-        """What a job in another process decided, read back from the storage."""
-        return job_side.Decisions.of(optuna_internals.frozen(self.study, trial_id))
 
     def judge(self, trial: optuna.Trial, ret: Any, decided: job_side.Decisions) -> Outcome:
         tags: dict[str, Any] = {}
@@ -504,10 +503,13 @@ class TrialLoop:
             kind = retry.TRANSIENT  # tried again (enqueue_retries); not a failure of the budget
         return Outcome(TrialState.FAIL, kind=kind, reason=f"{type(err).__name__}: {err}")
 
-    def tell(self, trial: optuna.Trial, run_id: str, outcome: Outcome) -> None:
+    def tell(
+        self, trial: optuna.Trial, run_id: str, outcome: Outcome, read: FrozenTrial | None = None
+    ) -> None:
         """The outcome into the study, then onto the run. A complete or pruned trial is not read
         back (what its run needs is known; the loop's next read has it, for its line); a failed
-        one is, for the reason recorded."""
+        one is, for the reason recorded. `read`: the trial as read since its job ended, if it
+        was (Optuna's tell reads it first otherwise)."""
         trial_id = optuna_internals.trial_id(trial)
         values, frozen = None, None
         if outcome.state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -518,6 +520,7 @@ class TrialLoop:
                     trial,
                     values=outcome.values if complete else None,
                     state=None if complete else TrialState.PRUNED,
+                    read=read,
                 )
             if complete:
                 values = dict(zip(self.objectives.names, outcome.values, strict=True))
