@@ -370,7 +370,7 @@ def test_yaml_tree_renders_what_to_yaml_renders_through_random_changes(path, mon
             doc["k0"] = 1
 
 
-def test_yaml_text_of_plain_strings_is_to_yamls_from_libyaml_too():
+def test_yaml_text_of_plain_strings_is_to_yamls_from_libyaml_too(monkeypatch):
     """A document whose strings are all plain goes to libyaml's emitter (where installed), and
     its text is to_yaml's byte for byte: random strings of those characters, up to 120 long
     (they wrap at spaces past 80), some made to look like numbers, bools, keys or list items."""
@@ -390,17 +390,14 @@ def test_yaml_text_of_plain_strings_is_to_yamls_from_libyaml_too():
             return rng.choice(tricky)
         return "".join(rng.choice(chars) for _ in range(rng.randint(0, 120)))
 
-    used = []
-    real = yaml.dump
+    used, real = [], yaml.dump
+    monkeypatch.setattr(yaml, "dump", lambda *a, **k: used.append(k["Dumper"]) or real(*a, **k))
     for _ in range(2000):
         doc = {"hydra": {text() or "k": text(), "job": {"list": [text(), 1, 0.5, None, True]}}}
         assert yaml_files.plain(doc)
         used.clear()
-        yaml.dump = lambda *a, **k: used.append(k["Dumper"]) or real(*a, **k)
-        try:
-            assert yaml_files.yaml_text(doc) == OmegaConf.to_yaml(OmegaConf.create(doc))
-        finally:
-            yaml.dump = real
+        text_written = yaml_files.yaml_text(doc)
         if yaml.__with_libyaml__:
             assert issubclass(used[0], yaml.CDumper)
+        assert text_written == OmegaConf.to_yaml(OmegaConf.create(doc))
     assert not yaml_files.plain({"k": "é"}) and not yaml_files.plain({"k": 'say "x"'})
