@@ -69,10 +69,23 @@ def cached_empty(name: str, build: Callable[[Path], None]) -> Path | None:
 
 
 def tables(path: Path) -> set[str]:
-    """The tables of an existing SQLite file, read without writing; ValueError says why not."""
+    """The tables of an existing SQLite file, read without writing; ValueError says why not.
+
+    One exception to "without writing": a process killed inside a write transaction leaves a
+    hot journal (`<file>-journal`) that the next connection must roll back before it may read,
+    which a read-only one cannot do ("attempt to write a readonly database"). Then the file is
+    opened read-write, never created, and SQLite rolls the dead transaction back, as the
+    sweep's own first connection would."""
+    query = "SELECT name FROM sqlite_master WHERE type = 'table'"
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                rows = db.execute(query).fetchall()
+        except sqlite3.OperationalError:
+            if not path.with_name(f"{path.name}-journal").exists():
+                raise
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True)) as db:
+                rows = db.execute(query).fetchall()
     except sqlite3.DatabaseError as err:  # "file is not a database", a directory, no access
         raise ValueError(f"{path} is not a SQLite database ({err})") from None
     return {name for (name,) in rows}

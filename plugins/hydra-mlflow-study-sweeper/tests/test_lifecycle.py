@@ -7,6 +7,9 @@ After any single kill and a rerun of the same command, the invariant below must 
 from __future__ import annotations
 
 import signal
+import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -68,6 +71,38 @@ def test_a_kill_between_the_jobs_run_end_and_tell_leaves_no_finished_run_for_a_f
     assert trial.state == TrialState.FAIL
     assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
     assert "died" in run.data.tags["failure_reason"]
+
+
+# a process that dies inside a write transaction big enough to reach the file (cache_size=1)
+DIE_IN_A_TRANSACTION = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size = 1")
+db.execute("BEGIN IMMEDIATE")
+db.execute("CREATE TABLE dead_transaction (x)")
+db.execute("INSERT INTO dead_transaction SELECT randomblob(2000) FROM (WITH RECURSIVE"
+           " c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 20) SELECT i FROM c)")
+os._exit(9)
+"""
+
+
+@pytest.mark.parametrize("store", ["optuna.db", "mlflow.db"])
+def test_a_store_left_with_a_hot_journal_is_rolled_back_and_the_rerun_finishes(toy, store):
+    # what a SIGKILL inside SQLite's write leaves (CI, a random kill): the rerun's check of
+    # the file, read-only, could not read it ("attempt to write a readonly database")
+    killed = toy.spawn(env={"SWEEP_CRASH_AT": "after-tell"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    db = toy.path / store
+    died = subprocess.run([sys.executable, "-c", DIE_IN_A_TRANSACTION, str(db)])
+    assert died.returncode == 9
+    assert (toy.path / f"{store}-journal").stat().st_size > 0
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):  # the journal is hot
+        sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute("SELECT * FROM sqlite_master")
+    ok(toy.run())
+    check_invariant(toy)
+    assert not (toy.path / f"{store}-journal").exists()
+    names = sqlite3.connect(db).execute("SELECT name FROM sqlite_master").fetchall()
+    assert ("dead_transaction",) not in names  # rolled back, not kept
 
 
 @pytest.mark.slow
