@@ -76,16 +76,18 @@ def tables(path: Path) -> set[str]:
     which a read-only one cannot do ("attempt to write a readonly database"). Then the file is
     opened read-write, never created, and SQLite rolls the dead transaction back, as the
     sweep's own first connection would."""
-    query = "SELECT name FROM sqlite_master WHERE type = 'table'"
+
+    def read(mode: str) -> list[tuple[str]]:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode={mode}", uri=True)) as db:
+            return db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+
     try:
         try:
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-                rows = db.execute(query).fetchall()
+            rows = read("ro")
         except sqlite3.OperationalError:
             if not path.with_name(f"{path.name}-journal").exists():
                 raise
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True)) as db:
-                rows = db.execute(query).fetchall()
+            rows = read("rw")
     except sqlite3.DatabaseError as err:  # "file is not a database", a directory, no access
         raise ValueError(f"{path} is not a SQLite database ({err})") from None
     return {name for (name,) in rows}

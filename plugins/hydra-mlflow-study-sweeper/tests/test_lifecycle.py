@@ -6,6 +6,7 @@ After any single kill and a rerun of the same command, the invariant below must 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sqlite3
 import subprocess
@@ -96,13 +97,15 @@ def test_a_store_left_with_a_hot_journal_is_rolled_back_and_the_rerun_finishes(t
     died = subprocess.run([sys.executable, "-c", DIE_IN_A_TRANSACTION, str(db)])
     assert died.returncode == 9
     assert (toy.path / f"{store}-journal").stat().st_size > 0
-    with pytest.raises(sqlite3.OperationalError, match="readonly"):  # the journal is hot
-        sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute("SELECT * FROM sqlite_master")
+    read_only = contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True))
+    with read_only as ro, pytest.raises(sqlite3.OperationalError, match="readonly"):
+        ro.execute("SELECT * FROM sqlite_master")  # the journal is hot: it must be rolled back
     ok(toy.run())
+    assert not (toy.path / f"{store}-journal").exists()  # the rerun rolled it back
+    with contextlib.closing(sqlite3.connect(db)) as rolled_back:
+        names = rolled_back.execute("SELECT name FROM sqlite_master").fetchall()
+    assert ("dead_transaction",) not in names  # the dead transaction is not kept
     check_invariant(toy)
-    assert not (toy.path / f"{store}-journal").exists()
-    names = sqlite3.connect(db).execute("SELECT name FROM sqlite_master").fetchall()
-    assert ("dead_transaction",) not in names  # rolled back, not kept
 
 
 @pytest.mark.slow
